@@ -1,0 +1,1 @@
+//! Test support (filled by the registry work).

@@ -1,0 +1,1 @@
+//! rpc_proxy library (placeholder).
