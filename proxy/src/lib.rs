@@ -1,1 +1,187 @@
-//! rpc_proxy library (placeholder).
+//! `rpc_proxy`, the per-host Thrift sidecar (L2 of the mesh): clients call it on a unix
+//! socket with `service:method` names; it routes each call to an endpoint of that service
+//! found in ZooKeeper, over shared multiplexed connections, and answers every failure with a
+//! `TApplicationException`.
+//!
+//! # Layout
+//! - [`listener`]: binds the client socket, accepts under a connection limit.
+//! - [`connection`]: one client connection; pipelined calls, replies in request order.
+//! - [`route`]: the routing table fed by discovery; endpoint choice.
+//! - [`upstream`]: an endpoint's multiplexed connections (seqid rewrite, heartbeats,
+//!   timeouts, backoff, drain).
+//! - [`error`]: call failures and the exception each becomes.
+//!
+//! # Shutdown order
+//! On the shutdown token: stop accepting and remove the socket file; every connection stops
+//! reading new calls and finishes the ones in flight; wait for them at most `drain_grace`;
+//! stop discovery; return.
+
+pub mod connection;
+pub mod error;
+pub mod listener;
+pub mod route;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use rpc_config::ProxyConfig;
+use rpc_registry::{DiscoveryEvent, ZkSettings};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connection::ConnectionSettings;
+use crate::listener::Listener;
+use crate::route::Router;
+use crate::upstream::UpstreamSettings;
+
+/// Bound of the discovery event queue (events are small; a full queue only slows discovery).
+const DISCOVERY_QUEUE: usize = 4096;
+
+/// Builds the upstream settings from the configuration.
+pub fn upstream_settings(config: &ProxyConfig) -> UpstreamSettings {
+    UpstreamSettings {
+        request_timeout: config.request_timeout,
+        connect_timeout: config.connect_timeout,
+        heartbeat_interval: config.common.heartbeat_interval,
+        heartbeat_timeout: config.common.heartbeat_timeout,
+        idle_timeout: config.upstream_idle_timeout,
+        max_pending: config.max_pending_per_endpoint,
+        connections: config.upstream_connections,
+        max_frame_size: config.common.max_frame_size,
+    }
+}
+
+/// Runs the proxy with ZooKeeper discovery until `shutdown` is cancelled and the drain is
+/// over.
+pub async fn run(config: ProxyConfig, listener: Listener, shutdown: CancellationToken) {
+    let (events_tx, events_rx) = mpsc::channel(DISCOVERY_QUEUE);
+    let settings = ZkSettings {
+        servers: config.common.zk.clone(),
+        session_timeout: config.common.zk_session_timeout,
+    };
+    let discovery_stop = CancellationToken::new();
+    let discovery = tokio::spawn(rpc_registry::run_discovery(
+        settings,
+        config.common.product.clone(),
+        events_tx,
+        discovery_stop.clone(),
+    ));
+    run_with_discovery(config, listener, events_rx, shutdown).await;
+    discovery_stop.cancel();
+    let _ = discovery.await;
+}
+
+/// Runs the proxy fed by any source of discovery events (ZooKeeper in production, a static
+/// list in tests) until `shutdown` is cancelled and the drain is over.
+pub async fn run_with_discovery(
+    config: ProxyConfig,
+    listener: Listener,
+    mut events: mpsc::Receiver<DiscoveryEvent>,
+    shutdown: CancellationToken,
+) {
+    let router = Arc::new(Router::new(Arc::new(upstream_settings(&config))));
+    let applier = {
+        let router = router.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                router.apply(event);
+            }
+        })
+    };
+    let settings = Arc::new(ConnectionSettings {
+        max_frame_size: config.common.max_frame_size,
+        max_inflight: config.max_inflight_per_connection,
+        startup_hold: config.startup_hold,
+        idle_timeout: config.client_idle_timeout,
+    });
+    let tracker = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    tracing::info!(
+        address = listener.describe(),
+        "accepting client connections"
+    );
+    rpc_runtime::notify_ready();
+    accept_loop(listener, &tracker, &limit, &router, &settings, &shutdown).await;
+    // The listener (and its socket file) is gone once accept_loop returns.
+    rpc_runtime::notify_stopping();
+    tracker.close();
+    tracing::info!(connections = tracker.len(), "draining client connections");
+    if tokio::time::timeout(config.drain_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = tracker.len(),
+            "drain grace period over, closing remaining connections"
+        );
+    }
+    applier.abort();
+}
+
+async fn accept_loop(
+    listener: Listener,
+    tracker: &TaskTracker,
+    limit: &Arc<Semaphore>,
+    router: &Arc<Router>,
+    settings: &Arc<ConnectionSettings>,
+    shutdown: &CancellationToken,
+) {
+    let mut warned_full = false;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = accept(&listener) => accepted,
+        };
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            if !warned_full {
+                tracing::warn!("max_connections reached, refusing new client connections");
+                warned_full = true;
+            }
+            drop(stream);
+            continue;
+        };
+        warned_full = false;
+        let router = router.clone();
+        let settings = settings.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            match stream {
+                ClientStream::Unix(mut s) => {
+                    let (r, w) = s.split();
+                    connection::serve(r, w, router, settings, shutdown).await;
+                }
+                ClientStream::Tcp(mut s) => {
+                    let (r, w) = s.split();
+                    connection::serve(r, w, router, settings, shutdown).await;
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+enum ClientStream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<ClientStream> {
+    match listener {
+        Listener::Unix(l, _) => Ok(ClientStream::Unix(l.accept().await?.0)),
+        Listener::Tcp(l) => {
+            let (s, _) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok(ClientStream::Tcp(s))
+        }
+    }
+}

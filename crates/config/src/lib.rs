@@ -10,9 +10,44 @@
 //! Format: flat `key=value` lines, whole-line comments starting with `#` or `;`, the value is
 //! everything after the first `=`, trimmed (so a value may contain `#`). A `[section]` header
 //! is tolerated and ignored. Unknown keys are returned as [`ConfigWarning`]s, not errors.
+//!
+//! Private modules: `keys` (the one list of known keys, re-exported as [`KNOWN_KEYS`] and
+//! [`LEGACY_KEYS`]), `parse` (lines to raw values) and `value` (typed lookups and checks).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+mod keys;
+mod parse;
+mod value;
+
+pub use keys::{KNOWN_KEYS, LEGACY_KEYS};
+
+use parse::Values;
+use value::{check_host_port, check_name, check_unix_path, invalid};
+
+// Defaults (CONTRACT section 4 plus the NEW keys), in the units of their keys.
+const DEFAULT_PRODUCT: &str = "test";
+const DEFAULT_ZK_SESSION_TIMEOUT_S: u64 = 30;
+const DEFAULT_MAX_FRAME_SIZE: usize = 16_384_000;
+const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 6_000;
+const DEFAULT_LOG_KEEP_DAYS: usize = 3;
+const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
+const DEFAULT_SOCKET_MODE: u32 = 0o660;
+const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 15_000;
+const DEFAULT_PROXY_DRAIN_GRACE_MS: u64 = 10_000;
+const DEFAULT_LB_DRAIN_GRACE_MS: u64 = 25_000;
+const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+const DEFAULT_MAX_INFLIGHT_PER_CONNECTION: usize = 1_024;
+const DEFAULT_MAX_PENDING_PER_ENDPOINT: usize = 8_192;
+const DEFAULT_UPSTREAM_CONNECTIONS: usize = 1;
+const DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS: u64 = 300_000;
+const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
+const DEFAULT_CLIENT_IDLE_TIMEOUT_MS: u64 = 0;
+const DEFAULT_STARTUP_HOLD_MS: u64 = 5_000;
+const DEFAULT_WORKER_POOL_SIZE: usize = 1;
+const DEFAULT_MAX_QUEUE: usize = 1_024;
 
 /// Where a socket listens or connects: a unix path, or `host:port` when the text has a `:`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -30,7 +65,18 @@ impl Address {
     /// [`ConfigError::Invalid`] (with `key`) for an empty value, or a TCP address whose port
     /// is not a number.
     pub fn parse(key: &str, text: &str) -> Result<Self, ConfigError> {
-        todo!()
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(invalid(key, text, "the address is empty"));
+        }
+        if text.contains(':') {
+            check_host_port(key, text)?;
+            Ok(Address::Tcp(text.to_owned()))
+        } else {
+            let path = PathBuf::from(text);
+            check_unix_path(key, text, &path)?;
+            Ok(Address::Unix(path))
+        }
     }
 }
 
@@ -191,13 +237,74 @@ pub struct ConfigWarning {
     pub message: String,
 }
 
+/// Reads `path` as UTF-8 text.
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+// === impl CommonConfig ===
+
+impl CommonConfig {
+    /// The keys every binary reads.
+    fn from_values(values: &Values) -> Result<Self, ConfigError> {
+        let zk = values.required("zk")?;
+        if zk.split(',').any(|server| server.trim().is_empty()) {
+            return Err(invalid(
+                "zk",
+                zk,
+                "expected host:port[,host:port...] with no empty entry",
+            ));
+        }
+        let product = values.get("product").unwrap_or(DEFAULT_PRODUCT);
+        check_name("product", product, &[])?;
+        let heartbeat_interval = values.millis(
+            "heartbeat_interval_ms",
+            DEFAULT_HEARTBEAT_INTERVAL_MS,
+            false,
+        )?;
+        let heartbeat_timeout =
+            values.millis("heartbeat_timeout_ms", DEFAULT_HEARTBEAT_TIMEOUT_MS, false)?;
+        if heartbeat_timeout <= heartbeat_interval {
+            return Err(invalid(
+                "heartbeat_timeout_ms",
+                &heartbeat_timeout.as_millis().to_string(),
+                format!(
+                    "must be greater than heartbeat_interval_ms ({})",
+                    heartbeat_interval.as_millis()
+                ),
+            ));
+        }
+        Ok(Self {
+            zk: zk.to_owned(),
+            product: product.to_owned(),
+            zk_session_timeout: values
+                .seconds("zk_session_timeout", DEFAULT_ZK_SESSION_TIMEOUT_S)?,
+            verbose: values.switch("verbose", false)?,
+            max_frame_size: values.frame_size("max_frame_size", DEFAULT_MAX_FRAME_SIZE)?,
+            heartbeat_interval,
+            heartbeat_timeout,
+            log_keep_days: values.count("log_keep_days", DEFAULT_LOG_KEEP_DAYS)?,
+            log_format: values.log_format("log_format")?,
+            status_interval: values
+                .optional_millis("status_interval_ms", DEFAULT_STATUS_INTERVAL_MS)?,
+            admin_address: values.host_port("admin_address")?,
+            socket_mode: values.octal_mode("socket_mode", DEFAULT_SOCKET_MODE)?,
+        })
+    }
+}
+
+// === impl ProxyConfig ===
+
 impl ProxyConfig {
     /// Reads and validates `path`.
     ///
     /// # Errors
     /// [`ConfigError`] naming the key (or the file).
     pub fn from_file(path: &Path) -> Result<(Self, Vec<ConfigWarning>), ConfigError> {
-        todo!()
+        Self::parse(&read_file(path)?)
     }
 
     /// Parses and validates config text.
@@ -205,9 +312,51 @@ impl ProxyConfig {
     /// # Errors
     /// [`ConfigError`] naming the key.
     pub fn parse(text: &str) -> Result<(Self, Vec<ConfigWarning>), ConfigError> {
-        todo!()
+        let values = Values::parse(text)?;
+        let config = Self::from_values(&values)?;
+        Ok((config, values.into_warnings()))
+    }
+
+    /// The proxy's keys.
+    fn from_values(values: &Values) -> Result<Self, ConfigError> {
+        let proxy_address = values.address("proxy_address")?;
+        let common = CommonConfig::from_values(values)?;
+        Ok(Self {
+            common,
+            proxy_address,
+            request_timeout: values.millis(
+                "request_timeout_ms",
+                DEFAULT_REQUEST_TIMEOUT_MS,
+                false,
+            )?,
+            drain_grace: values.millis("drain_grace_ms", DEFAULT_PROXY_DRAIN_GRACE_MS, true)?,
+            max_connections: values.count("max_connections", DEFAULT_MAX_CONNECTIONS)?,
+            max_inflight_per_connection: values.count(
+                "max_inflight_per_connection",
+                DEFAULT_MAX_INFLIGHT_PER_CONNECTION,
+            )?,
+            max_pending_per_endpoint: values
+                .count("max_pending_per_endpoint", DEFAULT_MAX_PENDING_PER_ENDPOINT)?,
+            upstream_connections: values
+                .count("upstream_connections", DEFAULT_UPSTREAM_CONNECTIONS)?,
+            upstream_idle_timeout: values.millis(
+                "upstream_idle_timeout_ms",
+                DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS,
+                false,
+            )?,
+            connect_timeout: values.millis(
+                "connect_timeout_ms",
+                DEFAULT_CONNECT_TIMEOUT_MS,
+                false,
+            )?,
+            client_idle_timeout: values
+                .optional_millis("client_idle_timeout_ms", DEFAULT_CLIENT_IDLE_TIMEOUT_MS)?,
+            startup_hold: values.millis("startup_hold_ms", DEFAULT_STARTUP_HOLD_MS, true)?,
+        })
     }
 }
+
+// === impl LbConfig ===
 
 impl LbConfig {
     /// Reads and validates `path`.
@@ -215,7 +364,7 @@ impl LbConfig {
     /// # Errors
     /// [`ConfigError`] naming the key (or the file).
     pub fn from_file(path: &Path) -> Result<(Self, Vec<ConfigWarning>), ConfigError> {
-        todo!()
+        Self::parse(&read_file(path)?)
     }
 
     /// Parses and validates config text.
@@ -223,6 +372,571 @@ impl LbConfig {
     /// # Errors
     /// [`ConfigError`] naming the key.
     pub fn parse(text: &str) -> Result<(Self, Vec<ConfigWarning>), ConfigError> {
-        todo!()
+        let values = Values::parse(text)?;
+        let config = Self::from_values(&values)?;
+        Ok((config, values.into_warnings()))
+    }
+
+    /// The LB's keys.
+    fn from_values(values: &Values) -> Result<Self, ConfigError> {
+        let service = values.required("service")?;
+        // `:` separates the service from the method in a call's name (CONTRACT section 2).
+        check_name("service", service, &[':'])?;
+        let back_address = values.address("back_address")?;
+        let common = CommonConfig::from_values(values)?;
+        Ok(Self {
+            common,
+            service: service.to_owned(),
+            front_host: values.text("front_host"),
+            front_port: values.port("front_port")?,
+            ip_prefix: values.text("ip_prefix"),
+            front_sock: values.absolute_path("front_sock")?,
+            back_address,
+            worker_pool_size: values.count("worker_pool_size", DEFAULT_WORKER_POOL_SIZE)?,
+            request_timeout: values.millis(
+                "request_timeout_ms",
+                DEFAULT_REQUEST_TIMEOUT_MS,
+                false,
+            )?,
+            drain_grace: values.millis("drain_grace_ms", DEFAULT_LB_DRAIN_GRACE_MS, true)?,
+            max_queue: values.count("max_queue", DEFAULT_MAX_QUEUE)?,
+            max_connections: values.count("max_connections", DEFAULT_MAX_CONNECTIONS)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// The example shipped at the workspace root.
+    const EXAMPLE: &str = include_str!("../../../config.ini.example");
+
+    const PROXY_MIN: &str = "zk=127.0.0.1:2181\nproxy_address=/tmp/proxy.sock\n";
+    const LB_MIN: &str = "zk=127.0.0.1:2181\nservice=echo\nback_address=/tmp/back.sock\n";
+
+    fn proxy(text: &str) -> Result<ProxyConfig, ConfigError> {
+        ProxyConfig::parse(text).map(|(config, _)| config)
+    }
+
+    fn lb(text: &str) -> Result<LbConfig, ConfigError> {
+        LbConfig::parse(text).map(|(config, _)| config)
+    }
+
+    /// Asserts `err` is `Invalid` for `key` with a one-line message naming the key.
+    #[track_caller]
+    fn assert_invalid(err: ConfigError, key: &str) {
+        let message = err.to_string();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key: k, .. } if k == key),
+            "{key}: {err:?}"
+        );
+        assert!(message.contains(&format!("`{key}`")), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn proxy_defaults() {
+        let (config, warnings) = ProxyConfig::parse(PROXY_MIN).unwrap();
+        assert!(warnings.is_empty());
+        let expected = ProxyConfig {
+            common: CommonConfig {
+                zk: "127.0.0.1:2181".into(),
+                product: "test".into(),
+                zk_session_timeout: Duration::from_secs(30),
+                verbose: false,
+                max_frame_size: 16_384_000,
+                heartbeat_interval: ms(1000),
+                heartbeat_timeout: ms(6000),
+                log_keep_days: 3,
+                log_format: LogFormat::Text,
+                status_interval: Some(ms(10_000)),
+                admin_address: None,
+                socket_mode: 0o660,
+            },
+            proxy_address: Address::Unix("/tmp/proxy.sock".into()),
+            request_timeout: ms(15_000),
+            drain_grace: ms(10_000),
+            max_connections: 20_000,
+            max_inflight_per_connection: 1024,
+            max_pending_per_endpoint: 8192,
+            upstream_connections: 1,
+            upstream_idle_timeout: ms(300_000),
+            connect_timeout: ms(1000),
+            client_idle_timeout: None,
+            startup_hold: ms(5000),
+        };
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn lb_defaults() {
+        let (config, warnings) = LbConfig::parse(LB_MIN).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(config.common, proxy(PROXY_MIN).unwrap().common);
+        assert_eq!(config.service, "echo");
+        assert_eq!(config.front_host, None);
+        assert_eq!(config.front_port, None);
+        assert_eq!(config.ip_prefix, None);
+        assert_eq!(config.front_sock, None);
+        assert_eq!(config.back_address, Address::Unix("/tmp/back.sock".into()));
+        assert_eq!(config.worker_pool_size, 1);
+        assert_eq!(config.request_timeout, ms(15_000));
+        assert_eq!(config.drain_grace, ms(25_000));
+        assert_eq!(config.max_queue, 1024);
+        assert_eq!(config.max_connections, 20_000);
+    }
+
+    #[test]
+    fn every_key_set() {
+        let text = "\
+zk = zk1:2181,zk2:2181/chroot
+product = online
+zk_session_timeout = 12
+verbose = yes
+max_frame_size = 1048576
+heartbeat_interval_ms = 500
+heartbeat_timeout_ms = 3000
+log_keep_days = 7
+log_format = JSON
+status_interval_ms = 0
+admin_address = 127.0.0.1:9100
+socket_mode = 0o600
+request_timeout_ms = 2000
+drain_grace_ms = 0
+max_connections = 10
+proxy_address = 0.0.0.0:5550
+max_inflight_per_connection = 2
+max_pending_per_endpoint = 3
+upstream_connections = 4
+upstream_idle_timeout_ms = 60000
+connect_timeout_ms = 250
+client_idle_timeout_ms = 30000
+startup_hold_ms = 0
+service = echo
+front_host = 10.0.0.5
+front_port = 5551
+ip_prefix = 10.
+front_sock = /run/echo.sock
+back_address = [::1]:6000
+worker_pool_size = 8
+max_queue = 99
+";
+        let (p, warnings) = ProxyConfig::parse(text).unwrap();
+        assert!(warnings.is_empty());
+        let c = &p.common;
+        assert_eq!(c.zk, "zk1:2181,zk2:2181/chroot");
+        assert_eq!(c.product, "online");
+        assert_eq!(c.zk_session_timeout, Duration::from_secs(12));
+        assert!(c.verbose);
+        assert_eq!(c.max_frame_size, 1 << 20);
+        assert_eq!(
+            (c.heartbeat_interval, c.heartbeat_timeout),
+            (ms(500), ms(3000))
+        );
+        assert_eq!(c.log_keep_days, 7);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.status_interval, None);
+        assert_eq!(c.admin_address.as_deref(), Some("127.0.0.1:9100"));
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(p.proxy_address, Address::Tcp("0.0.0.0:5550".into()));
+        assert_eq!(p.request_timeout, ms(2000));
+        assert_eq!(p.drain_grace, Duration::ZERO);
+        assert_eq!(p.max_connections, 10);
+        assert_eq!(p.max_inflight_per_connection, 2);
+        assert_eq!(p.max_pending_per_endpoint, 3);
+        assert_eq!(p.upstream_connections, 4);
+        assert_eq!(p.upstream_idle_timeout, ms(60_000));
+        assert_eq!(p.connect_timeout, ms(250));
+        assert_eq!(p.client_idle_timeout, Some(ms(30_000)));
+        assert_eq!(p.startup_hold, Duration::ZERO);
+
+        let (l, warnings) = LbConfig::parse(text).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(l.common, p.common);
+        assert_eq!(l.service, "echo");
+        assert_eq!(l.front_host.as_deref(), Some("10.0.0.5"));
+        assert_eq!(l.front_port, Some(5551));
+        assert_eq!(l.ip_prefix.as_deref(), Some("10."));
+        assert_eq!(l.front_sock.as_deref(), Some(Path::new("/run/echo.sock")));
+        assert_eq!(l.back_address, Address::Tcp("[::1]:6000".into()));
+        assert_eq!(l.worker_pool_size, 8);
+        assert_eq!(l.request_timeout, ms(2000));
+        assert_eq!(l.drain_grace, Duration::ZERO);
+        assert_eq!(l.max_queue, 99);
+        assert_eq!(l.max_connections, 10);
+    }
+
+    #[test]
+    fn quoted_empty_values_take_defaults() {
+        let text = format!(
+            "{LB_MIN}front_host=\"\"\nfront_port=\"\"\nip_prefix=\"\"\nfront_sock=\"\"\nproduct=\"\"\n"
+        );
+        let config = lb(&text).unwrap();
+        assert_eq!(config.front_host, None);
+        assert_eq!(config.front_port, None);
+        assert_eq!(config.ip_prefix, None);
+        assert_eq!(config.front_sock, None);
+        assert_eq!(config.common.product, "test");
+    }
+
+    #[test]
+    fn relative_front_sock_is_made_absolute() {
+        let config = lb(&format!("{LB_MIN}front_sock=lb.sock")).unwrap();
+        let expected = std::env::current_dir().unwrap().join("lb.sock");
+        assert_eq!(config.front_sock, Some(expected));
+    }
+
+    #[test]
+    fn missing_required_keys() {
+        let cases: [(&str, &str, &str); 5] = [
+            ("proxy", "proxy_address=/tmp/p.sock", "zk"),
+            ("proxy", "zk=h:1", "proxy_address"),
+            ("lb", "service=echo\nback_address=/tmp/b.sock", "zk"),
+            ("lb", "zk=h:1\nback_address=/tmp/b.sock", "service"),
+            ("lb", "zk=h:1\nservice=echo", "back_address"),
+        ];
+        for (who, text, key) in cases {
+            // Absent, empty and `""` are all missing.
+            for extra in ["", "\nKEY=", "\nKEY=\"\""] {
+                let text = format!("{text}{}", extra.replace("KEY", key));
+                let err = if who == "proxy" {
+                    proxy(&text).unwrap_err()
+                } else {
+                    lb(&text).unwrap_err()
+                };
+                assert!(
+                    matches!(err, ConfigError::Missing { key: k } if k == key),
+                    "{who} {text:?}: {err:?}"
+                );
+                assert_eq!(err.to_string(), format!("config key `{key}` is required"));
+            }
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let proxy_cases: &[(&str, &str)] = &[
+            ("zk", ","),
+            ("zk", "h:1,,h:2"),
+            ("product", "a/b"),
+            ("zk_session_timeout", "0"),
+            ("zk_session_timeout", "-3"),
+            ("zk_session_timeout", "30s"),
+            ("verbose", "2"),
+            ("max_frame_size", "0"),
+            ("max_frame_size", "-1"),
+            ("max_frame_size", "1073741825"),
+            ("heartbeat_interval_ms", "0"),
+            ("heartbeat_interval_ms", "fast"),
+            ("heartbeat_timeout_ms", "0"),
+            ("heartbeat_timeout_ms", "1000"),
+            ("heartbeat_timeout_ms", "999"),
+            ("log_keep_days", "0"),
+            ("log_format", "xml"),
+            ("status_interval_ms", "-1"),
+            ("admin_address", "9100"),
+            ("admin_address", "localhost:port"),
+            ("socket_mode", "0888"),
+            ("socket_mode", "01777"),
+            ("socket_mode", "rw"),
+            ("proxy_address", "host:99999"),
+            ("proxy_address", "::1:9000"),
+            ("request_timeout_ms", "0"),
+            ("request_timeout_ms", "1.5"),
+            ("drain_grace_ms", "-1"),
+            ("max_connections", "0"),
+            ("max_inflight_per_connection", "0"),
+            ("max_pending_per_endpoint", "none"),
+            ("upstream_connections", "0"),
+            ("upstream_idle_timeout_ms", "0"),
+            ("connect_timeout_ms", "0"),
+            ("client_idle_timeout_ms", "soon"),
+            ("startup_hold_ms", "-5"),
+        ];
+        for (key, bad) in proxy_cases {
+            let text = format!("{PROXY_MIN}{key}={bad}\n");
+            assert_invalid(proxy(&text).unwrap_err(), key);
+        }
+        let lb_cases: &[(&str, &str)] = &[
+            ("service", "a:b"),
+            ("service", "a/b"),
+            ("front_port", "0"),
+            ("front_port", "65536"),
+            ("front_port", "x"),
+            ("front_sock", &format!("/{}", "s".repeat(120))),
+            ("back_address", "host:"),
+            ("back_address", "[::1]:x"),
+            ("worker_pool_size", "0"),
+            ("request_timeout_ms", "-1"),
+            ("drain_grace_ms", "x"),
+            ("max_queue", "0"),
+            ("max_connections", "-1"),
+            ("verbose", "maybe"),
+        ];
+        for (key, bad) in lb_cases {
+            let text = format!("{LB_MIN}{key}={bad}\n");
+            assert_invalid(lb(&text).unwrap_err(), key);
+        }
+    }
+
+    #[test]
+    fn heartbeat_timeout_must_exceed_interval() {
+        let text = format!("{PROXY_MIN}heartbeat_interval_ms=7000\n");
+        let err = proxy(&text).unwrap_err();
+        assert_invalid(err, "heartbeat_timeout_ms");
+        let text = format!("{PROXY_MIN}heartbeat_interval_ms=7000\nheartbeat_timeout_ms=7001\n");
+        assert_eq!(proxy(&text).unwrap().common.heartbeat_timeout, ms(7001));
+    }
+
+    #[test]
+    fn values_may_hold_comment_characters() {
+        let text = format!("{PROXY_MIN}# product=commented\n; product=also\nproduct=a#b;c=d\n");
+        assert_eq!(proxy(&text).unwrap().common.product, "a#b;c=d");
+    }
+
+    #[test]
+    fn duplicate_keys_last_wins() {
+        let text = format!("{PROXY_MIN}max_connections=5\nmax_connections=6\n");
+        assert_eq!(proxy(&text).unwrap().max_connections, 6);
+    }
+
+    #[test]
+    fn section_headers_are_ignored() {
+        let text = format!("[proxy]\n{PROXY_MIN}[lb]\nmax_connections=5\n");
+        let (config, warnings) = ProxyConfig::parse(&text).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(config.max_connections, 5);
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        let err = proxy(&format!("{PROXY_MIN}oops\n")).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Syntax { line: 3, .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "config line 3: expected key=value, got \"oops\""
+        );
+    }
+
+    #[test]
+    fn unknown_keys_warn_and_legacy_keys_do_not() {
+        let text = format!(
+            "{PROXY_MIN}{LB_MIN}foo=1\nprofile=1\nfalcon_client=http://x:1/v1/push\nrpc_timeout=5\nstand_alone=0\n"
+        );
+        for warnings in [
+            ProxyConfig::parse(&text).unwrap().1,
+            LbConfig::parse(&text).unwrap().1,
+        ] {
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            assert_eq!(warnings[0].key, "foo");
+            assert!(
+                warnings[0]
+                    .message
+                    .starts_with("unknown config key `foo` ignored")
+            );
+        }
+    }
+
+    #[test]
+    fn keys_of_the_other_binary_do_not_warn() {
+        let (_, warnings) =
+            ProxyConfig::parse(&format!("{PROXY_MIN}max_queue=3\nfront_port=1\n")).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let (_, warnings) = LbConfig::parse(&format!("{LB_MIN}startup_hold_ms=3\n")).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn address_parse() {
+        assert_eq!(
+            Address::parse("k", "/tmp/x.sock").unwrap(),
+            Address::Unix("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            Address::parse("k", "rel.sock").unwrap(),
+            Address::Unix("rel.sock".into())
+        );
+        assert_eq!(
+            Address::parse("k", " 127.0.0.1:9000 ").unwrap(),
+            Address::Tcp("127.0.0.1:9000".into())
+        );
+        assert_eq!(
+            Address::parse("k", "lb.example:0").unwrap(),
+            Address::Tcp("lb.example:0".into())
+        );
+        assert_eq!(
+            Address::parse("k", "[::1]:9000").unwrap(),
+            Address::Tcp("[::1]:9000".into())
+        );
+        for bad in [
+            "",
+            "  ",
+            "host:",
+            "host:65536",
+            "host:-1",
+            ":9000",
+            "::1:9000",
+            "[::1]",
+            "[zz]:1",
+        ] {
+            assert_invalid(Address::parse("k", bad).unwrap_err(), "k");
+        }
+        assert_invalid(Address::parse("k", &"x".repeat(200)).unwrap_err(), "k");
+        assert_eq!(
+            Address::parse("k", "[::1]:9000").unwrap().to_string(),
+            "[::1]:9000"
+        );
+        assert_eq!(
+            Address::parse("k", "/a.sock").unwrap().to_string(),
+            "/a.sock"
+        );
+    }
+
+    #[test]
+    fn from_file_missing_is_a_read_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope.ini");
+        let err = ProxyConfig::from_file(&path).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Read { path: p, .. } if *p == path),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("nope.ini"));
+        assert!(matches!(
+            LbConfig::from_file(&path).unwrap_err(),
+            ConfigError::Read { .. }
+        ));
+    }
+
+    #[test]
+    fn from_file_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.ini");
+        std::fs::write(&path, format!("{PROXY_MIN}{LB_MIN}bogus=1\n")).unwrap();
+        let (config, warnings) = ProxyConfig::from_file(&path).unwrap();
+        assert_eq!(
+            config.proxy_address,
+            Address::Unix("/tmp/proxy.sock".into())
+        );
+        assert_eq!(warnings.len(), 1);
+        let (config, _) = LbConfig::from_file(&path).unwrap();
+        assert_eq!(config.service, "echo");
+    }
+
+    // === config.ini.example ===
+
+    /// The key of a `key=value` line, or of a commented-out `# key=value` line.
+    fn mentioned_key(line: &str) -> Option<&str> {
+        let line = line.trim();
+        let body = line
+            .strip_prefix('#')
+            .or_else(|| line.strip_prefix(';'))
+            .unwrap_or(line)
+            .trim_start();
+        let (key, _) = body.split_once('=')?;
+        let key = key.trim_end();
+        let is_ident = key.starts_with(|c: char| c.is_ascii_lowercase())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        is_ident.then_some(key)
+    }
+
+    #[test]
+    fn example_parses_for_both_binaries_without_warnings() {
+        let (p, warnings) = ProxyConfig::parse(EXAMPLE).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(p.common.zk, "127.0.0.1:2181");
+        assert_eq!(p.common.product, "test");
+        assert_eq!(
+            p.proxy_address,
+            Address::Unix("/usr/local/rpc_proxy/proxy.sock".into())
+        );
+        let (l, warnings) = LbConfig::parse(EXAMPLE).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(l.service, "echo");
+        assert_eq!(l.front_host.as_deref(), Some("127.0.0.1"));
+        assert_eq!(l.front_port, Some(5550));
+        assert_eq!(
+            l.back_address,
+            Address::Unix("/usr/local/rpc_proxy/echo_back.sock".into())
+        );
+    }
+
+    #[test]
+    fn example_mentions_exactly_the_known_keys_each_once_with_a_comment() {
+        let lines: Vec<&str> = EXAMPLE.lines().collect();
+        let mut mentioned = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            if let Some(key) = mentioned_key(line) {
+                assert!(
+                    KNOWN_KEYS.contains(&key),
+                    "example line {}: unknown key `{key}`",
+                    i + 1
+                );
+                let previous = i.checked_sub(1).map(|j| lines[j].trim());
+                assert!(
+                    previous.is_some_and(|p| p.starts_with('#') && mentioned_key(p).is_none()),
+                    "example line {}: `{key}` has no comment line explaining it",
+                    i + 1
+                );
+                mentioned.push(key);
+            }
+        }
+        let unique: BTreeSet<&str> = mentioned.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            mentioned.len(),
+            "a key appears twice in the example"
+        );
+        let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
+        let missing: Vec<_> = known.difference(&unique).collect();
+        assert!(
+            missing.is_empty(),
+            "keys not documented in config.ini.example: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn example_shows_the_true_defaults() {
+        // Uncommenting every `# key=default` line must change nothing (drain_grace_ms shows
+        // the proxy's default; the LB's differs and is checked apart).
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(
+                |line| match (line.strip_prefix("# "), mentioned_key(line)) {
+                    (Some(rest), Some(_)) => rest,
+                    _ => line,
+                },
+            )
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_ne!(uncommented, EXAMPLE);
+        assert_eq!(proxy(&uncommented).unwrap(), proxy(EXAMPLE).unwrap());
+        let mut from_uncommented = lb(&uncommented).unwrap();
+        assert_eq!(
+            from_uncommented.drain_grace,
+            ms(DEFAULT_PROXY_DRAIN_GRACE_MS)
+        );
+        from_uncommented.drain_grace = ms(DEFAULT_LB_DRAIN_GRACE_MS);
+        assert_eq!(from_uncommented, lb(EXAMPLE).unwrap());
+    }
+
+    #[test]
+    fn every_known_key_is_read_by_some_binary() {
+        let values = Values::parse(EXAMPLE).unwrap();
+        ProxyConfig::from_values(&values).unwrap();
+        LbConfig::from_values(&values).unwrap();
+        let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
+        assert_eq!(values.read_keys(), known);
     }
 }

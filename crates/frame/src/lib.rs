@@ -14,7 +14,7 @@
 //! Wire reference: <https://github.com/apache/thrift/blob/master/doc/specs/thrift-binary-protocol.md>
 //! and <https://github.com/apache/thrift/blob/master/doc/specs/thrift-rpc.md>.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 
 /// Largest frame accepted by default (the Go original's `DEFAULT_MAX_LENGTH`).
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 16_384_000;
@@ -154,19 +154,89 @@ pub enum HeaderError {
     InvalidUtf8,
 }
 
+/// Offset of the message name in a frame: length prefix, version word, name length.
+const NAME_AT: usize = LENGTH_PREFIX + 8;
+
+/// Bytes of a header besides the name: version word, name length, seqid.
+const HEADER_FIXED: usize = 12;
+
+/// Most spare capacity [`decode_frame`] reserves for a frame still arriving. The length prefix
+/// comes from the peer, so it must not decide how much memory is reserved up front; larger
+/// frames grow the buffer as their bytes actually arrive.
+const RESERVE_CAP: usize = 64 * 1024;
+
+/// Deepest nesting of containers [`parse_application_exception`] skips through before it
+/// gives up (bounds its recursion on hostile input).
+const MAX_SKIP_DEPTH: u32 = 32;
+
+/// The big-endian `u32` at `at`, or `None` if `bytes` ends first.
+fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let word = bytes.get(at..at.checked_add(4)?)?;
+    word.try_into().ok().map(u32::from_be_bytes)
+}
+
+/// Writes a length prefix and a strict header for a payload whose body is `body_len` bytes.
+///
+/// Lengths are written as `u32`; callers keep names within [`MAX_NAME_LEN`] and bodies within
+/// the frame size limit, far below 2 GiB.
+fn put_header(
+    buf: &mut BytesMut,
+    message_type: MessageType,
+    name: &str,
+    seqid: i32,
+    body_len: usize,
+) {
+    let payload = HEADER_FIXED + name.len() + body_len;
+    buf.put_u32(payload as u32);
+    buf.put_u32(VERSION_1 | u32::from(message_type.as_u8()));
+    buf.put_u32(name.len() as u32);
+    buf.put_slice(name.as_bytes());
+    buf.put_i32(seqid);
+}
+
 /// Cuts one frame out of `buf`.
 ///
 /// Returns `Ok(None)` when `buf` does not yet hold a whole frame (nothing is consumed), and
 /// otherwise the whole frame **including its 4-byte length prefix**, split off the front of
-/// `buf` without copying.
+/// `buf` without copying. While a frame is incomplete, at most 64 KiB of spare capacity is
+/// reserved for it, whatever its announced length.
 ///
 /// # Errors
 /// * [`FrameError::NonPositiveLength`] if the length prefix is `<= 0`.
 /// * [`FrameError::TooLarge`] if it is above `max_frame_size`.
 ///
 /// Both are reported as soon as the 4 length bytes are in, before the body arrives.
-pub fn decode_frame(buf: &mut BytesMut, max_frame_size: usize) -> Result<Option<BytesMut>, FrameError> {
-    todo!()
+pub fn decode_frame(
+    buf: &mut BytesMut,
+    max_frame_size: usize,
+) -> Result<Option<BytesMut>, FrameError> {
+    let Some(word) = read_u32(buf, 0) else {
+        return Ok(None);
+    };
+    let signed = word as i32;
+    if signed <= 0 {
+        return Err(FrameError::NonPositiveLength { len: signed });
+    }
+    // `signed` is positive, so this only fails where usize is narrower than 32 bits, and such a
+    // length is too large for that target anyway.
+    let len = usize::try_from(signed).unwrap_or(usize::MAX);
+    if len > max_frame_size {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_frame_size,
+        });
+    }
+    let Some(total) = len.checked_add(LENGTH_PREFIX) else {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_frame_size,
+        });
+    };
+    if buf.len() < total {
+        buf.reserve((total - buf.len()).min(RESERVE_CAP));
+        return Ok(None);
+    }
+    Ok(Some(buf.split_to(total)))
 }
 
 /// An owned Thrift message: the whole frame (length prefix included) plus its parsed header.
@@ -175,109 +245,933 @@ pub fn decode_frame(buf: &mut BytesMut, max_frame_size: usize) -> Result<Option<
 /// length prefix equal to the payload length.
 #[derive(Debug, Clone)]
 pub struct Message {
-    // private fields chosen by the implementation
+    /// The whole frame: length prefix, header, body. The name always starts at [`NAME_AT`]
+    /// (also after [`Message::strip_service`], which drops the front of the buffer).
+    buf: BytesMut,
+    /// Bytes of the name; checked to be UTF-8, and the 4-byte seqid follows it.
+    name_len: usize,
+    /// From the low byte of the version word.
+    message_type: MessageType,
 }
+
+// === impl Message ===
 
 impl Message {
     /// Parses the header of a frame returned by [`decode_frame`].
     ///
+    /// Neither the frame nor the name is copied. If the length prefix disagrees with the
+    /// frame's actual length (a frame put together by hand), it is rewritten to match.
+    ///
     /// # Errors
     /// Any [`HeaderError`]; the frame is handed back so the caller can still answer.
     pub fn parse(frame: BytesMut) -> Result<Self, (BytesMut, HeaderError)> {
-        todo!()
+        match Self::check(&frame) {
+            Ok((name_len, message_type)) => {
+                let mut message = Self {
+                    buf: frame,
+                    name_len,
+                    message_type,
+                };
+                message.fix_length_prefix();
+                Ok(message)
+            }
+            Err(err) => Err((frame, err)),
+        }
+    }
+
+    /// Validates the strict header of `frame`, returning the name length and the type.
+    fn check(frame: &[u8]) -> Result<(usize, MessageType), HeaderError> {
+        let word = read_u32(frame, LENGTH_PREFIX).ok_or(HeaderError::Truncated)?;
+        if word & 0x8000_0000 == 0 {
+            return Err(HeaderError::NotStrict);
+        }
+        if word & VERSION_MASK != VERSION_1 {
+            return Err(HeaderError::BadVersion { word });
+        }
+        let raw_len = read_u32(frame, LENGTH_PREFIX + 4).ok_or(HeaderError::Truncated)? as i32;
+        let name_len = match usize::try_from(raw_len) {
+            Ok(len) if len <= MAX_NAME_LEN => len,
+            _ => return Err(HeaderError::BadNameLength { len: raw_len }),
+        };
+        let name_end = NAME_AT + name_len;
+        let name = frame.get(NAME_AT..name_end).ok_or(HeaderError::Truncated)?;
+        if std::str::from_utf8(name).is_err() {
+            return Err(HeaderError::InvalidUtf8);
+        }
+        if frame.len() < name_end + 4 {
+            return Err(HeaderError::Truncated);
+        }
+        // Strict binary leaves bits 8..15 unused; the type is the low byte.
+        Ok((name_len, MessageType::from_u8(word as u8)))
+    }
+
+    /// Makes the length prefix equal to the payload length (a no-op for decoded frames).
+    fn fix_length_prefix(&mut self) {
+        let payload = self.buf.len() - LENGTH_PREFIX;
+        // A payload over 4 GiB cannot come from `decode_frame` (its lengths are positive i32s).
+        if let Ok(payload) = u32::try_from(payload) {
+            if read_u32(&self.buf, 0) != Some(payload) {
+                self.buf[..LENGTH_PREFIX].copy_from_slice(&payload.to_be_bytes());
+            }
+        }
+    }
+
+    /// Offset of the seqid in the frame.
+    fn seqid_at(&self) -> usize {
+        NAME_AT + self.name_len
+    }
+
+    /// The name's bytes (UTF-8, checked by [`Message::parse`]).
+    fn name_bytes(&self) -> &[u8] {
+        self.buf.get(NAME_AT..self.seqid_at()).unwrap_or_default()
     }
 
     /// The message type.
     pub fn message_type(&self) -> MessageType {
-        todo!()
+        self.message_type
     }
 
     /// The whole name as sent (`service:method` from a multiplexed client).
     pub fn name(&self) -> &str {
-        todo!()
+        // `parse` checked these bytes are UTF-8 and `strip_service` only drops an ASCII-
+        // delimited prefix, so the fallback is never taken.
+        std::str::from_utf8(self.name_bytes()).unwrap_or_default()
     }
 
     /// `(service, method)` split at the first `:`, or `None` if the name has no `:`.
     pub fn service_and_method(&self) -> Option<(&str, &str)> {
-        todo!()
+        self.name().split_once(':')
     }
 
     /// The name after the first `:`, or the whole name if it has none.
     pub fn method(&self) -> &str {
-        todo!()
+        let name = self.name();
+        name.split_once(':').map_or(name, |(_, method)| method)
     }
 
     /// The sequence id.
     pub fn seqid(&self) -> i32 {
-        todo!()
+        // The header check guarantees the 4 seqid bytes; 0 is never returned in practice.
+        read_u32(&self.buf, self.seqid_at()).map_or(0, |word| word as i32)
     }
 
     /// Overwrites the sequence id in place (4 bytes).
     pub fn set_seqid(&mut self, seqid: i32) {
-        todo!()
+        let at = self.seqid_at();
+        if let Some(dst) = self.buf.get_mut(at..at + 4) {
+            dst.copy_from_slice(&seqid.to_be_bytes());
+        }
     }
 
     /// Removes the `service:` prefix from the name, in place and without copying the body:
     /// the new, shorter header is written so that it ends where the old one ended, the front
     /// of the buffer is dropped, and the length prefix is rewritten. No-op without a `:`.
+    ///
+    /// The version word (type included) and the seqid are kept as they were.
     pub fn strip_service(&mut self) {
-        todo!()
+        let Some(colon) = self.name_bytes().iter().position(|&b| b == b':') else {
+            return;
+        };
+        // The dropped prefix: `service:`. The method's bytes already sit right before the
+        // seqid, so only the 12 bytes in front of them (prefix, version, name length) move.
+        let cut = colon + 1;
+        let Some(word) = read_u32(&self.buf, LENGTH_PREFIX) else {
+            return;
+        };
+        let name_len = self.name_len - cut;
+        let payload = self.buf.len() - LENGTH_PREFIX - cut;
+        let mut head = [0u8; NAME_AT];
+        head[..4].copy_from_slice(&(payload as u32).to_be_bytes());
+        head[4..8].copy_from_slice(&word.to_be_bytes());
+        head[8..].copy_from_slice(&(name_len as u32).to_be_bytes());
+        // `cut <= name_len`, so the destination lies inside the old header.
+        let Some(dst) = self.buf.get_mut(cut..cut + NAME_AT) else {
+            return;
+        };
+        dst.copy_from_slice(&head);
+        self.buf.advance(cut);
+        self.name_len = name_len;
     }
 
     /// The bytes after the header (the argument or result struct), untouched.
     pub fn body(&self) -> &[u8] {
-        todo!()
+        self.buf.get(self.seqid_at() + 4..).unwrap_or_default()
     }
 
     /// The whole frame as it goes on the wire (length prefix included).
     pub fn as_wire(&self) -> &[u8] {
-        todo!()
+        &self.buf
     }
 
     /// Gives back the whole frame as it goes on the wire (length prefix included).
     pub fn into_wire(self) -> BytesMut {
-        todo!()
+        self.buf
     }
 }
 
 /// Builds a whole frame (length prefix included) from a header and an already encoded body.
+///
+/// The name should be at most [`MAX_NAME_LEN`] bytes and the frame within the peer's maximum
+/// frame size, or the receiving end refuses it.
 pub fn encode_message(message_type: MessageType, name: &str, seqid: i32, body: &[u8]) -> BytesMut {
-    todo!()
+    let mut buf = BytesMut::with_capacity(NAME_AT + name.len() + 4 + body.len());
+    put_header(&mut buf, message_type, name, seqid, body.len());
+    buf.put_slice(body);
+    buf
 }
 
 /// Builds a `TApplicationException` frame `(name, EXCEPTION, seqid)` whose body is the
 /// struct `{1: string message, 2: i32 type}` followed by a stop byte.
-pub fn application_exception(name: &str, seqid: i32, code: ExceptionCode, message: &str) -> BytesMut {
-    todo!()
+///
+/// The body is byte for byte what Apache Thrift's `TApplicationException.write` produces.
+pub fn application_exception(
+    name: &str,
+    seqid: i32,
+    code: ExceptionCode,
+    message: &str,
+) -> BytesMut {
+    // Field header (3) + length (4) + message, field header (3) + i32 (4), stop (1).
+    let body_len = 15 + message.len();
+    let mut buf = BytesMut::with_capacity(NAME_AT + name.len() + 4 + body_len);
+    put_header(&mut buf, MessageType::Exception, name, seqid, body_len);
+    buf.put_u8(TYPE_STRING);
+    buf.put_i16(1);
+    buf.put_u32(message.len() as u32);
+    buf.put_slice(message.as_bytes());
+    buf.put_u8(TYPE_I32);
+    buf.put_i16(2);
+    buf.put_i32(code as i32);
+    buf.put_u8(TYPE_STOP);
+    buf
 }
+
+/// Thrift binary field type: end of struct.
+const TYPE_STOP: u8 = 0;
+/// Thrift binary field type: i32.
+const TYPE_I32: u8 = 8;
+/// Thrift binary field type: string / binary.
+const TYPE_STRING: u8 = 11;
 
 /// Decodes the body of a `TApplicationException` frame into `(code, message)`; `None` if the
 /// body is not such a struct. Used by tests and by the worker's logs.
+///
+/// As in Apache Thrift, fields may come in any order, unknown fields are skipped, a missing
+/// message reads as `""` and a missing code as 0; a message that is not UTF-8 is decoded
+/// lossily. Bytes after the struct's stop byte make the body malformed.
 pub fn parse_application_exception(body: &[u8]) -> Option<(i32, String)> {
-    todo!()
+    let mut reader = Reader { rest: body };
+    let mut code = 0;
+    let mut message = String::new();
+    loop {
+        let field_type = reader.u8()?;
+        if field_type == TYPE_STOP {
+            break;
+        }
+        let id = reader.i16()?;
+        match (id, field_type) {
+            (1, TYPE_STRING) => {
+                let bytes = reader.binary()?;
+                message = String::from_utf8_lossy(bytes).into_owned();
+            }
+            (2, TYPE_I32) => code = reader.i32()?,
+            _ => reader.skip(field_type, MAX_SKIP_DEPTH)?,
+        }
+    }
+    reader.rest.is_empty().then_some((code, message))
 }
+
+/// A cursor over Thrift binary-encoded bytes; every read returns `None` past the end.
+struct Reader<'a> {
+    /// The bytes not read yet.
+    rest: &'a [u8],
+}
+
+// === impl Reader ===
+
+impl<'a> Reader<'a> {
+    /// The next `n` bytes.
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.rest.len() {
+            return None;
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1)?.first().copied()
+    }
+
+    fn i16(&mut self) -> Option<i16> {
+        self.take(2)?.try_into().ok().map(i16::from_be_bytes)
+    }
+
+    fn i32(&mut self) -> Option<i32> {
+        self.take(4)?.try_into().ok().map(i32::from_be_bytes)
+    }
+
+    /// A length-prefixed string or binary; a negative length is malformed.
+    fn binary(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.i32()?).ok()?;
+        self.take(len)
+    }
+
+    /// A container's element count; a negative count is malformed.
+    fn count(&mut self) -> Option<usize> {
+        usize::try_from(self.i32()?).ok()
+    }
+
+    /// Skips one value of `field_type`, nesting at most `depth` containers deep.
+    ///
+    /// Every value takes at least one byte, so a hostile element count fails as soon as the
+    /// bytes run out: the work is bounded by the input length.
+    fn skip(&mut self, field_type: u8, depth: u32) -> Option<()> {
+        match field_type {
+            2 | 3 => self.take(1).map(drop),    // bool, byte
+            6 => self.take(2).map(drop),        // i16
+            TYPE_I32 => self.take(4).map(drop), // i32
+            4 | 10 => self.take(8).map(drop),   // double, i64
+            16 => self.take(16).map(drop),      // uuid
+            TYPE_STRING => self.binary().map(drop),
+            12 => {
+                let depth = depth.checked_sub(1)?;
+                loop {
+                    let inner = self.u8()?;
+                    if inner == TYPE_STOP {
+                        return Some(());
+                    }
+                    self.take(2)?;
+                    self.skip(inner, depth)?;
+                }
+            }
+            13 => {
+                let depth = depth.checked_sub(1)?;
+                let key = self.u8()?;
+                let value = self.u8()?;
+                for _ in 0..self.count()? {
+                    self.skip(key, depth)?;
+                    self.skip(value, depth)?;
+                }
+                Some(())
+            }
+            14 | 15 => {
+                let depth = depth.checked_sub(1)?;
+                let element = self.u8()?;
+                for _ in 0..self.count()? {
+                    self.skip(element, depth)?;
+                }
+                Some(())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The body of every control message: an empty struct (its stop byte).
+const EMPTY_STRUCT: &[u8] = &[TYPE_STOP];
 
 /// `("ping", HEARTBEAT, seqid)` with an empty struct body (one `0x00` byte).
 pub fn heartbeat(seqid: i32) -> BytesMut {
-    todo!()
+    encode_message(MessageType::Heartbeat, "ping", seqid, EMPTY_STRUCT)
 }
 
 /// The proxy's answer to a client's type-20 ping: `("ping", REPLY, seqid)`, empty struct body.
 pub fn ping_reply(seqid: i32) -> BytesMut {
-    todo!()
+    encode_message(MessageType::Reply, "ping", seqid, EMPTY_STRUCT)
 }
 
 /// `("stop", STOP, 0)` with an empty struct body.
 pub fn stop() -> BytesMut {
-    todo!()
+    encode_message(MessageType::Stop, "stop", 0, EMPTY_STRUCT)
 }
 
 /// `("stop_confirm", STOP_CONFIRM, 0)` with an empty struct body.
 pub fn stop_confirm() -> BytesMut {
-    todo!()
+    encode_message(MessageType::StopConfirm, "stop_confirm", 0, EMPTY_STRUCT)
 }
 
-#[allow(unused)]
-fn _keep(b: &mut BytesMut) {
-    b.put_u8(0);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = DEFAULT_MAX_FRAME_SIZE;
+
+    fn frame_of(message_type: MessageType, name: &str, seqid: i32, body: &[u8]) -> BytesMut {
+        encode_message(message_type, name, seqid, body)
+    }
+
+    fn parse_ok(frame: BytesMut) -> Message {
+        match Message::parse(frame) {
+            Ok(message) => message,
+            Err((_, err)) => panic!("parse failed: {err}"),
+        }
+    }
+
+    fn parse_err(frame: &[u8]) -> HeaderError {
+        match Message::parse(BytesMut::from(frame)) {
+            Ok(message) => panic!("parsed {message:?}"),
+            Err((back, err)) => {
+                assert_eq!(&back[..], frame, "the frame is handed back unchanged");
+                err
+            }
+        }
+    }
+
+    /// A frame whose payload is exactly `payload`.
+    fn raw_frame(payload: &[u8]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_u32(payload.len() as u32);
+        buf.put_slice(payload);
+        buf
+    }
+
+    /// Frames `payload` and decodes it back, checking it travels intact.
+    fn reframe(wire: &[u8]) -> Message {
+        let mut buf = BytesMut::from(wire);
+        let frame = decode_frame(&mut buf, MAX).unwrap().expect("a whole frame");
+        assert!(buf.is_empty());
+        parse_ok(frame)
+    }
+
+    // --- decode_frame ---
+
+    #[test]
+    fn byte_at_a_time_two_frames() {
+        let first = frame_of(
+            MessageType::Call,
+            "svc:first",
+            7,
+            b"\x08\x00\x01\x00\x00\x00\x2a\x00",
+        );
+        let second = frame_of(MessageType::Oneway, "svc:second", -3, &[0u8; 300]);
+        let mut wire = first.to_vec();
+        wire.extend_from_slice(&second);
+
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for (i, byte) in wire.iter().enumerate() {
+            buf.put_u8(*byte);
+            let before = buf.len();
+            match decode_frame(&mut buf, MAX).unwrap() {
+                Some(frame) => frames.push((i, frame)),
+                None => assert_eq!(buf.len(), before, "nothing consumed"),
+            }
+        }
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].0, first.len() - 1);
+        assert_eq!(frames[0].1, first);
+        assert_eq!(frames[1].0, wire.len() - 1);
+        assert_eq!(frames[1].1, second);
+        assert!(buf.is_empty());
+        assert_eq!(decode_frame(&mut buf, MAX), Ok(None));
+    }
+
+    #[test]
+    fn short_prefix_is_incomplete() {
+        for n in 0..4 {
+            let mut buf = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff][..n]);
+            assert_eq!(decode_frame(&mut buf, MAX), Ok(None));
+            assert_eq!(buf.len(), n);
+        }
+    }
+
+    #[test]
+    fn bad_lengths_rejected_from_the_prefix_alone() {
+        let cases: [(u32, FrameError); 5] = [
+            (0, FrameError::NonPositiveLength { len: 0 }),
+            (0xffff_ffff, FrameError::NonPositiveLength { len: -1 }),
+            (0x8000_0000, FrameError::NonPositiveLength { len: i32::MIN }),
+            (
+                MAX as u32 + 1,
+                FrameError::TooLarge {
+                    len: MAX + 1,
+                    max: MAX,
+                },
+            ),
+            (
+                0x7fff_ffff,
+                FrameError::TooLarge {
+                    len: 0x7fff_ffff,
+                    max: MAX,
+                },
+            ),
+        ];
+        for (word, expected) in cases {
+            let mut buf = BytesMut::from(&word.to_be_bytes()[..]);
+            assert_eq!(decode_frame(&mut buf, MAX), Err(expected));
+        }
+    }
+
+    #[test]
+    fn hostile_length_reserves_little() {
+        let mut buf = BytesMut::from(&(MAX as u32).to_be_bytes()[..]);
+        assert_eq!(decode_frame(&mut buf, MAX), Ok(None));
+        assert!(buf.capacity() <= LENGTH_PREFIX + 2 * RESERVE_CAP);
+    }
+
+    #[test]
+    fn frame_exactly_at_max_accepted() {
+        let max = 100;
+        let mut buf = raw_frame(&[0xabu8; 100]);
+        buf.put_slice(&[1, 2]);
+        let frame = decode_frame(&mut buf, max).unwrap().expect("whole frame");
+        assert_eq!(frame.len(), LENGTH_PREFIX + max);
+        assert_eq!(&buf[..], &[1, 2]);
+
+        let mut over = raw_frame(&[0xabu8; 101]);
+        assert_eq!(
+            decode_frame(&mut over, max),
+            Err(FrameError::TooLarge { len: 101, max })
+        );
+    }
+
+    #[test]
+    fn smallest_frame_accepted() {
+        let mut buf = raw_frame(&[0x42]);
+        let frame = decode_frame(&mut buf, MAX).unwrap().expect("whole frame");
+        assert_eq!(&frame[..], &[0, 0, 0, 1, 0x42]);
+    }
+
+    // --- header parsing ---
+
+    #[test]
+    fn non_strict_header_rejected() {
+        // Old style: i32 name length, name, i8 type, i32 seqid.
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&4i32.to_be_bytes());
+        payload.extend_from_slice(b"ping");
+        payload.push(1);
+        payload.extend_from_slice(&9i32.to_be_bytes());
+        payload.push(0);
+        assert_eq!(parse_err(&raw_frame(&payload)), HeaderError::NotStrict);
+        // An empty old-style name: the first word is 0.
+        assert_eq!(
+            parse_err(&raw_frame(&[0, 0, 0, 0, 1, 0, 0, 0, 0])),
+            HeaderError::NotStrict
+        );
+    }
+
+    #[test]
+    fn bad_version_rejected() {
+        for word in [0x8002_0001u32, 0x8000_0001, 0xffff_0001, 0x8101_0001] {
+            let mut frame = frame_of(MessageType::Call, "a:b", 1, &[0]);
+            frame[4..8].copy_from_slice(&word.to_be_bytes());
+            assert_eq!(parse_err(&frame), HeaderError::BadVersion { word });
+        }
+    }
+
+    #[test]
+    fn unused_version_bits_ignored() {
+        let mut frame = frame_of(MessageType::Call, "a:b", 1, &[0]);
+        frame[4..8].copy_from_slice(&0x8001_7f04u32.to_be_bytes());
+        let message = parse_ok(frame);
+        assert_eq!(message.message_type(), MessageType::Oneway);
+    }
+
+    #[test]
+    fn bad_name_length_rejected() {
+        for len in [-1i32, i32::MIN, MAX_NAME_LEN as i32 + 1, i32::MAX] {
+            let mut payload = VERSION_1.to_be_bytes().to_vec();
+            payload[3] = 1;
+            payload.extend_from_slice(&len.to_be_bytes());
+            payload.extend_from_slice(&[b'x'; 32]);
+            assert_eq!(
+                parse_err(&raw_frame(&payload)),
+                HeaderError::BadNameLength { len }
+            );
+        }
+    }
+
+    #[test]
+    fn longest_name_accepted() {
+        let name = "n".repeat(MAX_NAME_LEN);
+        let message = parse_ok(frame_of(MessageType::Call, &name, 5, &[0]));
+        assert_eq!(message.name(), name);
+        assert_eq!(message.seqid(), 5);
+    }
+
+    #[test]
+    fn truncated_at_every_cut() {
+        let whole = frame_of(MessageType::Call, "svc:method", 0x0102_0304, &[]);
+        assert!(Message::parse(whole.clone()).is_ok());
+        for cut in 0..whole.len() {
+            // As cut, and with the length prefix matching the cut.
+            assert_eq!(
+                parse_err(&whole[..cut]),
+                HeaderError::Truncated,
+                "cut {cut}"
+            );
+            if cut >= LENGTH_PREFIX {
+                let framed = raw_frame(&whole[LENGTH_PREFIX..cut]);
+                assert_eq!(
+                    parse_err(&framed),
+                    HeaderError::Truncated,
+                    "framed cut {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_name_rejected() {
+        let mut frame = frame_of(MessageType::Call, "svc:meth", 1, &[0]);
+        frame[NAME_AT + 5] = 0xff;
+        assert_eq!(parse_err(&frame), HeaderError::InvalidUtf8);
+    }
+
+    #[test]
+    fn utf8_names_are_kept() {
+        let message = parse_ok(frame_of(MessageType::Call, "sérvice:méthode", 2, &[0]));
+        assert_eq!(message.service_and_method(), Some(("sérvice", "méthode")));
+        let mut message = message;
+        message.strip_service();
+        assert_eq!(message.name(), "méthode");
+    }
+
+    #[test]
+    fn names_without_colon() {
+        let frame = frame_of(MessageType::Call, "method", 11, b"\x00");
+        let mut message = parse_ok(frame.clone());
+        assert_eq!(message.service_and_method(), None);
+        assert_eq!(message.method(), "method");
+        message.strip_service();
+        assert_eq!(message.as_wire(), &frame[..]);
+        assert_eq!(message.name(), "method");
+
+        let mut empty = parse_ok(frame_of(MessageType::Call, "", 12, b"\x00"));
+        assert_eq!(empty.name(), "");
+        assert_eq!(empty.method(), "");
+        empty.strip_service();
+        assert_eq!(empty.seqid(), 12);
+    }
+
+    #[test]
+    fn split_at_first_colon() {
+        let message = parse_ok(frame_of(MessageType::Call, "a:b:c", 1, &[0]));
+        assert_eq!(message.service_and_method(), Some(("a", "b:c")));
+        assert_eq!(message.method(), "b:c");
+    }
+
+    #[test]
+    fn hand_built_prefix_is_fixed() {
+        let mut frame = frame_of(MessageType::Call, "a:b", 1, &[0]);
+        frame[..4].copy_from_slice(&1000u32.to_be_bytes());
+        let message = parse_ok(frame);
+        assert_eq!(reframe(message.as_wire()).name(), "a:b");
+    }
+
+    // --- round trips ---
+
+    #[test]
+    fn encode_decode_parse_round_trip() {
+        let bodies: [&[u8]; 3] = [&[], &[0], &[7u8; 1000]];
+        for message_type in (0..=255).map(MessageType::from_u8) {
+            for name in ["", "m", "svc:method", "echo:echo_long_name_here"] {
+                for seqid in [0, 1, -1, i32::MIN, i32::MAX] {
+                    for body in bodies {
+                        let wire = encode_message(message_type, name, seqid, body);
+                        let message = reframe(&wire);
+                        assert_eq!(message.message_type(), message_type);
+                        assert_eq!(message.name(), name);
+                        assert_eq!(message.seqid(), seqid);
+                        assert_eq!(message.body(), body);
+                        assert_eq!(message.as_wire(), &wire[..]);
+                        assert_eq!(message.into_wire(), wire);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn encode_writes_the_exact_header() {
+        let wire = encode_message(MessageType::Call, "a:b", 0x0a0b_0c0d, &[0]);
+        assert_eq!(
+            &wire[..],
+            &[
+                0, 0, 0, 16, 0x80, 0x01, 0, 1, 0, 0, 0, 3, b'a', b':', b'b', 0x0a, 0x0b, 0x0c,
+                0x0d, 0
+            ]
+        );
+    }
+
+    #[test]
+    fn strip_service_round_trip() {
+        let body: Vec<u8> = (0..=255).collect();
+        for service in [
+            "a",
+            "ab",
+            "abcdefg",
+            "echo",
+            "a_much_longer_service_name",
+            "",
+        ] {
+            for method in ["", "m", "echo", "b:c"] {
+                let name = format!("{service}:{method}");
+                let wire = encode_message(MessageType::Call, &name, -77, &body);
+                let mut message = reframe(&wire);
+                let body_ptr = message.body().as_ptr();
+                message.strip_service();
+                assert_eq!(message.body().as_ptr(), body_ptr, "the body did not move");
+                assert_eq!(message.name(), method);
+                assert_eq!(message.seqid(), -77);
+                assert_eq!(message.body(), &body[..]);
+                assert_eq!(message.message_type(), MessageType::Call);
+                let expected = encode_message(MessageType::Call, method, -77, &body);
+                assert_eq!(message.as_wire(), &expected[..], "name {name:?}");
+
+                let again = reframe(message.as_wire());
+                assert_eq!(again.name(), method);
+                assert_eq!(again.seqid(), -77);
+                assert_eq!(again.body(), &body[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn strip_service_twice() {
+        let mut message = parse_ok(frame_of(MessageType::Call, "a:b:c", 3, &[0]));
+        message.strip_service();
+        assert_eq!(message.name(), "b:c");
+        message.strip_service();
+        assert_eq!(message.name(), "c");
+        message.strip_service();
+        assert_eq!(message.name(), "c");
+        assert_eq!(
+            message.as_wire(),
+            &frame_of(MessageType::Call, "c", 3, &[0])[..]
+        );
+    }
+
+    #[test]
+    fn set_seqid_round_trip() {
+        let mut message = parse_ok(frame_of(MessageType::Reply, "svc:m", 1, b"\x0b\x00"));
+        for seqid in [0, 1, -1, 42, -42, i32::MIN, i32::MAX] {
+            message.set_seqid(seqid);
+            assert_eq!(message.seqid(), seqid);
+            assert_eq!(message.name(), "svc:m");
+            assert_eq!(message.body(), b"\x0b\x00");
+            let again = reframe(message.as_wire());
+            assert_eq!(again.seqid(), seqid);
+        }
+        message.strip_service();
+        message.set_seqid(-5);
+        assert_eq!(
+            message.as_wire(),
+            &frame_of(MessageType::Reply, "m", -5, b"\x0b\x00")[..]
+        );
+    }
+
+    // --- TApplicationException ---
+
+    #[test]
+    fn application_exception_bytes() {
+        let wire = application_exception("m", 9, ExceptionCode::ProtocolError, "bad");
+        let message = reframe(&wire);
+        assert_eq!(message.message_type(), MessageType::Exception);
+        assert_eq!(message.name(), "m");
+        assert_eq!(message.seqid(), 9);
+        assert_eq!(
+            message.body(),
+            &[
+                0x0b, 0, 1, 0, 0, 0, 3, b'b', b'a', b'd', 0x08, 0, 2, 0, 0, 0, 7, 0
+            ]
+        );
+    }
+
+    #[test]
+    fn application_exception_round_trip() {
+        let codes = [
+            ExceptionCode::Unknown,
+            ExceptionCode::UnknownMethod,
+            ExceptionCode::InvalidMessageType,
+            ExceptionCode::WrongMethodName,
+            ExceptionCode::BadSequenceId,
+            ExceptionCode::MissingResult,
+            ExceptionCode::InternalError,
+            ExceptionCode::ProtocolError,
+        ];
+        for (i, code) in codes.into_iter().enumerate() {
+            let text = format!("Worker FOR svc.method Not Found ({i}) ünïcode");
+            let wire = application_exception("method", -(i as i32), code, &text);
+            let message = reframe(&wire);
+            assert_eq!(message.seqid(), -(i as i32));
+            assert_eq!(
+                parse_application_exception(message.body()),
+                Some((code as i32, text))
+            );
+        }
+        let empty = reframe(&application_exception("", 0, ExceptionCode::Unknown, ""));
+        assert_eq!(
+            parse_application_exception(empty.body()),
+            Some((0, String::new()))
+        );
+    }
+
+    #[test]
+    fn application_exception_any_order_and_unknown_fields() {
+        let mut body = BytesMut::new();
+        body.put_slice(&[0x08, 0, 2]);
+        body.put_i32(6);
+        // Unknown fields of every simple kind, a nested struct, a list and a map.
+        body.put_slice(&[0x02, 0, 3, 1]);
+        body.put_slice(&[0x03, 0, 4, 9]);
+        body.put_slice(&[0x04, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0]);
+        body.put_slice(&[0x06, 0, 6, 0, 1]);
+        body.put_slice(&[0x0a, 0, 7, 0, 0, 0, 0, 0, 0, 0, 1]);
+        body.put_slice(&[0x0c, 0, 8, 0x08, 0, 1, 0, 0, 0, 1, 0]);
+        body.put_slice(&[0x0f, 0, 9, 0x0b, 0, 0, 0, 2, 0, 0, 0, 1, b'x', 0, 0, 0, 0]);
+        body.put_slice(&[0x0d, 0, 10, 0x08, 0x02, 0, 0, 0, 1, 0, 0, 0, 5, 1]);
+        body.put_slice(&[0x0e, 0, 11, 0x03, 0, 0, 0, 0]);
+        body.put_slice(&[0x10, 0, 12]);
+        body.put_slice(&[0u8; 16]);
+        // Field 1 with the wrong type is skipped, as Apache Thrift does.
+        body.put_slice(&[0x08, 0, 1, 0, 0, 0, 0]);
+        body.put_slice(&[0x0b, 0, 1, 0, 0, 0, 2, b'h', b'i']);
+        body.put_u8(0);
+        assert_eq!(
+            parse_application_exception(&body),
+            Some((6, "hi".to_owned()))
+        );
+    }
+
+    #[test]
+    fn application_exception_garbage_is_none() {
+        let cases: [&[u8]; 14] = [
+            &[],
+            &[0x0b],
+            &[0x0b, 0],
+            &[0x0b, 0, 1],
+            &[0x0b, 0, 1, 0xff, 0xff, 0xff, 0xff, 0],
+            &[0x0b, 0, 1, 0x7f, 0xff, 0xff, 0xff, b'a', 0],
+            &[0x0b, 0, 1, 0, 0, 0, 1, b'a'],
+            &[0x08, 0, 2, 0, 0, 0],
+            &[0x08, 0, 2, 0, 0, 0, 1],
+            &[0x08, 0, 2, 0, 0, 0, 1, 0, 0],
+            &[0x01, 0, 3, 0],
+            &[0x0f, 0, 3, 0x00, 0, 0, 0, 1, 0],
+            &[0x0f, 0, 3, 0x03, 0x7f, 0xff, 0xff, 0xff, 1, 2, 0],
+            &[0x0d, 0, 3, 0x0b, 0x0b, 0xff, 0xff, 0xff, 0xfe, 0],
+        ];
+        for body in cases {
+            assert_eq!(parse_application_exception(body), None, "{body:?}");
+        }
+        // Nested deeper than the limit.
+        let mut deep = vec![0x0c, 0, 1];
+        for _ in 0..10_000 {
+            deep.extend_from_slice(&[0x0c, 0, 1]);
+        }
+        assert_eq!(parse_application_exception(&deep), None);
+        let mut lists = vec![0x0f, 0, 1];
+        for _ in 0..10_000 {
+            lists.extend_from_slice(&[0x0f, 0, 0, 0, 1]);
+        }
+        assert_eq!(parse_application_exception(&lists), None);
+    }
+
+    // --- control messages ---
+
+    #[test]
+    fn control_messages() {
+        let cases = [
+            (heartbeat(-8), MessageType::Heartbeat, "ping", -8),
+            (ping_reply(31), MessageType::Reply, "ping", 31),
+            (stop(), MessageType::Stop, "stop", 0),
+            (stop_confirm(), MessageType::StopConfirm, "stop_confirm", 0),
+        ];
+        for (wire, message_type, name, seqid) in cases {
+            let message = reframe(&wire);
+            assert_eq!(message.message_type(), message_type);
+            assert_eq!(message.name(), name);
+            assert_eq!(message.seqid(), seqid);
+            assert_eq!(message.body(), &[0]);
+        }
+        assert_eq!(
+            &heartbeat(1)[..],
+            &[
+                0, 0, 0, 17, 0x80, 1, 0, 20, 0, 0, 0, 4, b'p', b'i', b'n', b'g', 0, 0, 0, 1, 0
+            ]
+        );
+    }
+
+    #[test]
+    fn message_type_round_trip() {
+        for byte in 0..=255u8 {
+            let message_type = MessageType::from_u8(byte);
+            assert_eq!(message_type.as_u8(), byte);
+            let named = matches!(byte, 1..=4 | 20..=23);
+            assert_eq!(
+                !named,
+                matches!(message_type, MessageType::Other(_)),
+                "{byte}"
+            );
+        }
+        assert_eq!(MessageType::from_u8(1), MessageType::Call);
+        assert_eq!(MessageType::from_u8(23), MessageType::Hello);
+    }
+
+    // --- robustness ---
+
+    /// A small deterministic generator (xorshift64*), to avoid a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn never_panics_on_garbage() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let seed = encode_message(
+            MessageType::Call,
+            "svc:method",
+            5,
+            b"\x0b\x00\x01\x00\x00\x00\x01a\x00",
+        );
+        for round in 0..20_000 {
+            // Mutate a valid frame half the time, otherwise pure noise.
+            let mut bytes = if round % 2 == 0 {
+                seed.to_vec()
+            } else {
+                (0..rng.below(48)).map(|_| rng.next() as u8).collect()
+            };
+            for _ in 0..rng.below(4) {
+                if !bytes.is_empty() {
+                    let at = rng.below(bytes.len());
+                    bytes[at] = rng.next() as u8;
+                }
+            }
+            if round % 5 == 0 && !bytes.is_empty() {
+                bytes.truncate(rng.below(bytes.len()));
+            }
+
+            let _ = parse_application_exception(&bytes);
+            let _ = parse_application_exception(bytes.get(LENGTH_PREFIX..).unwrap_or_default());
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = decode_frame(&mut buf, 64);
+            if let Ok(mut message) = Message::parse(BytesMut::from(&bytes[..])) {
+                let (name, seqid, body) = (
+                    message.method().to_owned(),
+                    message.seqid(),
+                    message.body().to_vec(),
+                );
+                message.strip_service();
+                message.set_seqid(seqid.wrapping_add(1));
+                let again = reframe(message.as_wire());
+                assert_eq!(again.name(), name);
+                assert_eq!(again.seqid(), seqid.wrapping_add(1));
+                assert_eq!(again.body(), &body[..]);
+            }
+        }
+    }
 }

@@ -1,1 +1,217 @@
-//! Process plumbing (placeholder).
+//! Process plumbing shared by `rpc_proxy` and `rpc_lb`: signals to one cancellation token,
+//! logging set-up, exit codes, systemd notifications and the Go original's flag spellings.
+//! Runs at start-up and shutdown only, never on the data path.
+//!
+//! # Layout
+//! - [`exit`]: the exit codes of CONTRACT section 5.
+//! - [`shutdown_on_signals`]: SIGTERM/SIGINT cancel the root [`CancellationToken`].
+//! - [`init_logging`]: `tracing` to stderr or a daily-rotated file, text or JSON.
+//! - [`notify_ready`], [`notify_stopping`]: systemd `Type=notify`.
+//! - [`normalize_args`]: accept `-log_level`, `-work_dir`, ... as the Go original spelled them.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+
+/// Exit codes (CONTRACT section 5; `sysexits.h` numbering).
+pub mod exit {
+    /// A clean stop, or `--help`/`--version`.
+    pub const OK: u8 = 0;
+    /// A runtime failure.
+    pub const FAILURE: u8 = 1;
+    /// Bad usage: an unknown flag, no `-c`.
+    pub const USAGE: u8 = 64;
+    /// Bad configuration: unreadable file, missing or bad key.
+    pub const CONFIG: u8 = 78;
+}
+
+/// Returns a token cancelled on the first SIGTERM or SIGINT. A second signal of either kind
+/// exits the process at once with code 1 (an operator who insists).
+///
+/// Must be called inside a tokio runtime.
+///
+/// # Errors
+/// The signal handlers could not be installed.
+pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "graceful stop requested");
+        cancel.cancel();
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(i32::from(exit::FAILURE));
+    });
+    Ok(token)
+}
+
+/// How to log.
+#[derive(Debug, Clone, Default)]
+pub struct LogOptions {
+    /// `error|warn|info|debug|trace`, or a full `EnvFilter` directive. `None`: `info`.
+    pub level: Option<String>,
+    /// `-L <file>`: write there, rotated daily (`<file>.YYYY-MM-DD`), instead of stderr.
+    pub file: Option<PathBuf>,
+    /// Rotated files kept.
+    pub keep_days: usize,
+    /// One JSON object per line.
+    pub json: bool,
+}
+
+/// Keeps the non-blocking log writer flushing; drop it last.
+pub struct LogGuard {
+    _guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+/// Installs the global `tracing` subscriber.
+///
+/// # Errors
+/// The level is not a valid filter, or the log file's directory cannot be used.
+pub fn init_logging(options: &LogOptions) -> Result<LogGuard, String> {
+    let level = options.level.clone().unwrap_or_else(|| "info".to_owned());
+    let filter = EnvFilter::try_new(&level).map_err(|e| format!("bad log level {level:?}: {e}"))?;
+    let (writer, guard) = match &options.file {
+        None => (BoxMakeWriter::new(std::io::stderr), None),
+        Some(path) => {
+            let appender = rolling_file(path, options.keep_days)?;
+            let (nb, guard) = tracing_appender::non_blocking(appender);
+            (BoxMakeWriter::new(nb), Some(guard))
+        }
+    };
+    let ansi = options.file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .with_target(false);
+    let result = if options.json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    result.map_err(|e| format!("cannot install logger: {e}"))?;
+    Ok(LogGuard { _guard: guard })
+}
+
+fn rolling_file(
+    path: &Path,
+    keep_days: usize,
+) -> Result<tracing_appender::rolling::RollingFileAppender, String> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let prefix = path
+        .file_name()
+        .ok_or_else(|| format!("log file {} has no file name", path.display()))?
+        .to_string_lossy()
+        .into_owned();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("log directory {}: {e}", dir.display()))?;
+    tracing_appender::rolling::RollingFileAppender::builder()
+        .rotation(tracing_appender::rolling::Rotation::DAILY)
+        .filename_prefix(prefix)
+        .max_log_files(keep_days.max(1))
+        .build(&dir)
+        .map_err(|e| format!("log file {}: {e}", path.display()))
+}
+
+/// Tells systemd the service is ready (no-op outside systemd).
+pub fn notify_ready() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+/// Tells systemd the service is stopping (no-op outside systemd).
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+}
+
+/// Rewrites the Go original's single-dash long flags into this project's spellings, so
+/// existing units and scripts run unchanged: `-log_level x` / `-log_level=x` become
+/// `--log-level x`, likewise `-work_dir`, `-code_url_version`, `-profile_address`,
+/// `-log_keep_days`, and `--work_dir=` style underscores. Other arguments pass through.
+pub fn normalize_args<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsString> {
+    const LEGACY: [&str; 5] = [
+        "log_level",
+        "work_dir",
+        "code_url_version",
+        "profile_address",
+        "log_keep_days",
+    ];
+    args.into_iter()
+        .map(|arg| {
+            let Some(text) = arg.to_str() else { return arg };
+            let body = text.strip_prefix("--").or_else(|| text.strip_prefix('-'));
+            let Some(body) = body else { return arg };
+            let (name, value) = match body.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (body, None),
+            };
+            if LEGACY.contains(&name) {
+                let flag = format!("--{}", name.replace('_', "-"));
+                match value {
+                    Some(v) => OsString::from(format!("{flag}={v}")),
+                    None => OsString::from(flag),
+                }
+            } else {
+                arg
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(args: &[&str]) -> Vec<String> {
+        normalize_args(args.iter().map(OsString::from))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn legacy_flags_are_rewritten() {
+        assert_eq!(
+            norm(&[
+                "rpc_lb",
+                "-c",
+                "x.ini",
+                "-log_level",
+                "debug",
+                "-work_dir=/a",
+                "--code_url_version=v1"
+            ]),
+            [
+                "rpc_lb",
+                "-c",
+                "x.ini",
+                "--log-level",
+                "debug",
+                "--work-dir=/a",
+                "--code-url-version=v1"
+            ]
+        );
+    }
+
+    #[test]
+    fn other_flags_pass_through() {
+        assert_eq!(
+            norm(&["p", "-V", "--log-level", "info", "-L", "f"]),
+            ["p", "-V", "--log-level", "info", "-L", "f"]
+        );
+    }
+}

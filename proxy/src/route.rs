@@ -1,0 +1,347 @@
+//! The routing table: service name to its endpoints, fed by discovery events and read on
+//! every call. Picks an endpoint by power of two choices on calls outstanding, skipping
+//! endpoints in reconnect backoff. Sits between discovery (ZooKeeper, or a static source in
+//! tests) and the client connections.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rand::Rng;
+use rpc_config::Address;
+use rpc_registry::DiscoveryEvent;
+use tokio::sync::Notify;
+
+use crate::upstream::{Endpoint, UpstreamSettings};
+
+/// The endpoints of one service at one moment (replaced whole on every change).
+#[derive(Debug)]
+pub struct Service {
+    /// The service name.
+    pub name: String,
+    /// Endpoints offered to new calls.
+    pub endpoints: Vec<Arc<Endpoint>>,
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Not in ZooKeeper.
+    Unknown,
+    /// Known, with its current endpoints (maybe none).
+    Found(Arc<Service>),
+}
+
+/// Why no endpoint was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPick {
+    /// The service has no endpoint at all.
+    Empty,
+    /// Every endpoint not yet tried is in reconnect backoff.
+    AllBackingOff,
+}
+
+// === impl Service ===
+
+impl Service {
+    /// Power of two choices on calls outstanding among endpoints not in `tried` and not in
+    /// backoff.
+    ///
+    /// # Errors
+    /// [`NoPick`] when no endpoint qualifies.
+    pub fn pick(&self, tried: &[Arc<Endpoint>]) -> Result<Arc<Endpoint>, NoPick> {
+        let usable =
+            |e: &Arc<Endpoint>| !e.in_backoff() && !tried.iter().any(|t| Arc::ptr_eq(t, e));
+        match self.endpoints.len() {
+            0 => return Err(NoPick::Empty),
+            1 => {
+                let only = &self.endpoints[0];
+                return if usable(only) {
+                    Ok(only.clone())
+                } else {
+                    Err(NoPick::AllBackingOff)
+                };
+            }
+            _ => {}
+        }
+        let n = self.endpoints.len();
+        let mut rng = rand::rng();
+        let a = rng.random_range(0..n);
+        let b = (a + rng.random_range(1..n)) % n;
+        let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+        match (usable(ea), usable(eb)) {
+            (true, true) => Ok(if eb.outstanding() < ea.outstanding() {
+                eb.clone()
+            } else {
+                ea.clone()
+            }),
+            (true, false) => Ok(ea.clone()),
+            (false, true) => Ok(eb.clone()),
+            // Both unusable: the least loaded usable one, if any.
+            (false, false) => self
+                .endpoints
+                .iter()
+                .filter(|e| usable(e))
+                .min_by_key(|e| e.outstanding())
+                .cloned()
+                .ok_or(NoPick::AllBackingOff),
+        }
+    }
+}
+
+// === impl Router ===
+
+/// The live routing table.
+#[derive(Debug)]
+pub struct Router {
+    services: RwLock<HashMap<String, Arc<Service>>>,
+    settings: Arc<UpstreamSettings>,
+    synced: AtomicBool,
+    synced_notify: Notify,
+}
+
+impl Router {
+    /// An empty table, not yet synced.
+    pub fn new(settings: Arc<UpstreamSettings>) -> Self {
+        Router {
+            services: RwLock::new(HashMap::new()),
+            settings,
+            synced: AtomicBool::new(false),
+            synced_notify: Notify::new(),
+        }
+    }
+
+    /// Looks a service up.
+    pub fn lookup(&self, service: &str) -> Lookup {
+        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+        match services.get(service) {
+            Some(found) => Lookup::Found(found.clone()),
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// Whether the first full read of discovery has arrived.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Waits until the first full read, at most `bound`.
+    pub async fn wait_synced(&self, bound: Duration) {
+        if self.is_synced() {
+            return;
+        }
+        let _ = tokio::time::timeout(bound, async {
+            loop {
+                let notified = self.synced_notify.notified();
+                if self.is_synced() {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+    }
+
+    /// A copy of the table for status output: service to endpoints.
+    pub fn snapshot(&self) -> Vec<Arc<Service>> {
+        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = services.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Applies one discovery event. Endpoints that disappear are drained, not cut.
+    pub fn apply(&self, event: DiscoveryEvent) {
+        match event {
+            DiscoveryEvent::Endpoints { service, endpoints } => {
+                let old = match self.lookup(&service) {
+                    Lookup::Found(s) => s.endpoints.clone(),
+                    Lookup::Unknown => Vec::new(),
+                };
+                let mut fresh = Vec::with_capacity(endpoints.len());
+                for endpoint in &endpoints {
+                    let address = match Address::parse("frontend", endpoint.info.frontend.trim()) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(service, node = endpoint.node, error = %e, "endpoint skipped");
+                            continue;
+                        }
+                    };
+                    if fresh
+                        .iter()
+                        .any(|e: &Arc<Endpoint>| e.address() == &address)
+                    {
+                        continue;
+                    }
+                    let reused = old
+                        .iter()
+                        .find(|e| e.address() == &address && !e.is_draining());
+                    fresh.push(match reused {
+                        Some(e) => e.clone(),
+                        None => {
+                            tracing::info!(service, endpoint = %address, "endpoint added");
+                            Endpoint::new(address, self.settings.clone())
+                        }
+                    });
+                }
+                for gone in old
+                    .iter()
+                    .filter(|o| !fresh.iter().any(|f| Arc::ptr_eq(f, o)))
+                {
+                    tracing::info!(
+                        service,
+                        endpoint = gone.label(),
+                        "endpoint removed, draining"
+                    );
+                    gone.drain();
+                }
+                let entry = Arc::new(Service {
+                    name: service.clone(),
+                    endpoints: fresh,
+                });
+                let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+                services.insert(service, entry);
+            }
+            DiscoveryEvent::ServiceRemoved { service } => {
+                let removed = {
+                    let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+                    services.remove(&service)
+                };
+                if let Some(removed) = removed {
+                    tracing::info!(service, "service removed");
+                    removed.endpoints.iter().for_each(|e| e.drain());
+                }
+            }
+            DiscoveryEvent::Synced => {
+                if !self.synced.swap(true, Ordering::AcqRel) {
+                    let count = self
+                        .services
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .len();
+                    tracing::info!(services = count, "routing table complete");
+                }
+                self.synced_notify.notify_waiters();
+            }
+            DiscoveryEvent::Session(state) => {
+                tracing::info!(?state, "zookeeper session");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rpc_registry::{Endpoint as Discovered, EndpointInfo};
+
+    fn settings() -> Arc<UpstreamSettings> {
+        Arc::new(UpstreamSettings {
+            request_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(6),
+            idle_timeout: Duration::from_secs(300),
+            max_pending: 100,
+            connections: 1,
+            max_frame_size: rpc_frame::DEFAULT_MAX_FRAME_SIZE,
+        })
+    }
+
+    fn endpoints(service: &str, frontends: &[&str]) -> DiscoveryEvent {
+        DiscoveryEvent::Endpoints {
+            service: service.to_owned(),
+            endpoints: frontends
+                .iter()
+                .map(|f| Discovered {
+                    node: rpc_registry::service_id(f),
+                    info: EndpointInfo {
+                        service: service.to_owned(),
+                        frontend: (*f).to_owned(),
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    fn found(router: &Router, service: &str) -> Arc<Service> {
+        match router.lookup(service) {
+            Lookup::Found(s) => s,
+            Lookup::Unknown => panic!("{service} unknown"),
+        }
+    }
+
+    #[test]
+    fn endpoints_are_kept_across_updates_and_removed_ones_drain() {
+        let router = Router::new(settings());
+        router.apply(endpoints("echo", &["127.0.0.1:1", "127.0.0.1:2"]));
+        let first = found(&router, "echo");
+        router.apply(endpoints("echo", &["127.0.0.1:2", "127.0.0.1:3"]));
+        let second = found(&router, "echo");
+        assert_eq!(second.endpoints.len(), 2);
+        assert!(
+            Arc::ptr_eq(&first.endpoints[1], &second.endpoints[0]),
+            "unchanged endpoint reused"
+        );
+        assert!(first.endpoints[0].is_draining(), "removed endpoint drains");
+        assert!(!second.endpoints[0].is_draining());
+    }
+
+    #[test]
+    fn unknown_until_listed_and_after_removal() {
+        let router = Router::new(settings());
+        assert!(matches!(router.lookup("echo"), Lookup::Unknown));
+        router.apply(endpoints("echo", &[]));
+        assert_eq!(found(&router, "echo").pick(&[]).unwrap_err(), NoPick::Empty);
+        router.apply(endpoints("echo", &["/tmp/x.sock"]));
+        let service = found(&router, "echo");
+        assert!(matches!(service.endpoints[0].address(), Address::Unix(_)));
+        router.apply(DiscoveryEvent::ServiceRemoved {
+            service: "echo".into(),
+        });
+        assert!(matches!(router.lookup("echo"), Lookup::Unknown));
+        assert!(service.endpoints[0].is_draining());
+    }
+
+    #[test]
+    fn pick_spreads_and_respects_tried() {
+        let router = Router::new(settings());
+        router.apply(endpoints(
+            "echo",
+            &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
+        ));
+        let service = found(&router, "echo");
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            seen.insert(service.pick(&[]).unwrap().label().to_owned());
+        }
+        assert_eq!(seen.len(), 3, "every idle endpoint gets picked");
+        let tried = vec![service.endpoints[0].clone(), service.endpoints[1].clone()];
+        for _ in 0..50 {
+            assert!(Arc::ptr_eq(
+                &service.pick(&tried).unwrap(),
+                &service.endpoints[2]
+            ));
+        }
+        let all = service.endpoints.clone();
+        assert_eq!(service.pick(&all).unwrap_err(), NoPick::AllBackingOff);
+    }
+
+    #[tokio::test]
+    async fn wait_synced_returns_on_sync_or_bound() {
+        let router = Arc::new(Router::new(settings()));
+        let start = std::time::Instant::now();
+        router.wait_synced(Duration::from_millis(50)).await;
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        let r = router.clone();
+        let waiter = tokio::spawn(async move { r.wait_synced(Duration::from_secs(30)).await });
+        router.apply(DiscoveryEvent::Synced);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(router.is_synced());
+    }
+}

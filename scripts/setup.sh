@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the build, the demo and the tests need on a fresh Debian machine:
+# Debian's zookeeper (jars only: it starts no daemon; never zookeeperd) and thrift-compiler,
+# and the Python test dependencies. Safe to run again; skips what is present.
+set -euo pipefail
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+need_apt=()
+[ -f /usr/share/java/zookeeper.jar ] || need_apt+=(zookeeper)
+command -v thrift >/dev/null 2>&1 || need_apt+=(thrift-compiler)
+command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup: apt-get install ${need_apt[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import thrift, kazoo, pytest, pytest_timeout' >/dev/null 2>&1 || ! command -v ruff >/dev/null 2>&1; then
+    echo "setup: pip install thrift kazoo pytest pytest-timeout ruff"
+    "$PY" -m pip install -q --disable-pip-version-check thrift kazoo pytest pytest-timeout ruff
+fi
+echo "setup: ok (thrift $(thrift --version | awk '{print $3}'), zookeeper $(dpkg-query -W -f='${Version}' zookeeper 2>/dev/null || echo '?'))"
