@@ -4,7 +4,6 @@
 //! `TApplicationException`.
 //!
 //! # Layout
-//! - [`listener`]: binds the client socket, accepts under a connection limit.
 //! - [`connection`]: one client connection; pipelined calls, replies in request order.
 //! - [`route`]: the routing table fed by discovery; endpoint choice.
 //! - [`upstream`]: an endpoint's multiplexed connections (seqid rewrite, heartbeats,
@@ -18,9 +17,11 @@
 
 pub mod connection;
 pub mod error;
-pub mod listener;
 pub mod route;
 pub mod upstream;
+
+/// The client socket (shared with `rpc_lb`; re-exported for tests and the binary).
+pub use rpc_runtime::listener;
 
 use std::sync::Arc;
 
@@ -31,9 +32,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::connection::ConnectionSettings;
-use crate::listener::Listener;
 use crate::route::Router;
 use crate::upstream::UpstreamSettings;
+use rpc_runtime::listener::{Listener, Stream};
 
 /// Bound of the discovery event queue (events are small; a full queue only slows discovery).
 const DISCOVERY_QUEUE: usize = 4096;
@@ -131,7 +132,7 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
-            accepted = accept(&listener) => accepted,
+            accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
             Ok(stream) => stream,
@@ -156,32 +157,16 @@ async fn accept_loop(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             match stream {
-                ClientStream::Unix(mut s) => {
+                Stream::Unix(mut s) => {
                     let (r, w) = s.split();
                     connection::serve(r, w, router, settings, shutdown).await;
                 }
-                ClientStream::Tcp(mut s) => {
+                Stream::Tcp(mut s) => {
                     let (r, w) = s.split();
                     connection::serve(r, w, router, settings, shutdown).await;
                 }
             }
             drop(permit);
         });
-    }
-}
-
-enum ClientStream {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
-}
-
-async fn accept(listener: &Listener) -> std::io::Result<ClientStream> {
-    match listener {
-        Listener::Unix(l, _) => Ok(ClientStream::Unix(l.accept().await?.0)),
-        Listener::Tcp(l) => {
-            let (s, _) = l.accept().await?;
-            let _ = s.set_nodelay(true);
-            Ok(ClientStream::Tcp(s))
-        }
     }
 }

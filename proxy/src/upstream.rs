@@ -307,15 +307,18 @@ async fn run_connection(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let settings = endpoint.settings.clone();
-    let ending = match tokio::time::timeout(settings.connect_timeout, connect(&endpoint.address))
-        .await
+    let ending = match tokio::time::timeout(
+        settings.connect_timeout,
+        rpc_runtime::listener::connect(&endpoint.address),
+    )
+    .await
     {
-        Ok(Ok(Stream::Unix(mut s))) => {
+        Ok(Ok(rpc_runtime::listener::Stream::Unix(mut s))) => {
             endpoint.note_connected();
             let (r, w) = s.split();
             serve(&endpoint, r, w, &mut rx).await
         }
-        Ok(Ok(Stream::Tcp(mut s))) => {
+        Ok(Ok(rpc_runtime::listener::Stream::Tcp(mut s))) => {
             endpoint.note_connected();
             let (r, w) = s.split();
             serve(&endpoint, r, w, &mut rx).await
@@ -356,22 +359,6 @@ async fn run_connection(
             "drained endpoint connection closed"
         ),
         Ending::Dropped => {}
-    }
-}
-
-enum Stream {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
-}
-
-async fn connect(address: &Address) -> std::io::Result<Stream> {
-    match address {
-        Address::Unix(path) => Ok(Stream::Unix(tokio::net::UnixStream::connect(path).await?)),
-        Address::Tcp(addr) => {
-            let stream = tokio::net::TcpStream::connect(addr.as_str()).await?;
-            stream.set_nodelay(true)?;
-            Ok(Stream::Tcp(stream))
-        }
     }
 }
 

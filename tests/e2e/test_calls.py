@@ -129,9 +129,13 @@ def test_pipelined_calls_reply_in_request_order(echo_stack):
     assert [conn.recv_echo() for _ in payloads] == payloads
 
 
-def test_pipelined_slow_then_fast_replies_in_request_order(backends, proxies, clients):
-    backends.start("A")
-    backends.start("B")
+@pytest.mark.parametrize("concurrent", [False, True], ids=["two_plain", "one_concurrent"])
+def test_pipelined_slow_then_fast_replies_in_request_order(backends, proxies, clients, concurrent):
+    # Either two endpoints, or one that answers the fast calls before the slow ones: the
+    # replies reach the proxy out of order either way.
+    backends.start("A", concurrent=concurrent)
+    if not concurrent:
+        backends.start("B")
     proxy = proxies.start()
     conn = clients(proxy.address)
     conn.send_slow(800, "slow-1")
@@ -144,6 +148,21 @@ def test_pipelined_slow_then_fast_replies_in_request_order(backends, proxies, cl
     assert conn.recv_slow() == "slow-3"
     assert conn.recv_add() == 42
     assert conn.recv_echo() == "fast-5"
+
+
+def test_slow_call_does_not_hold_up_other_clients(backends, proxies, clients):
+    backend = backends.start("A", concurrent=True)
+    proxy = proxies.start()
+    slow_conn, fast_conn = clients(proxy.address), clients(proxy.address)
+    slow_conn.send_slow(3000, "long")
+    harness.wait_until(lambda: "long" in backend.log_lines("SLOW-START"), 5, "slow call started")
+    started = time.monotonic()
+    for i in range(20):
+        assert fast_conn.echo(f"quick-{i}") == f"quick-{i}"
+    elapsed = time.monotonic() - started
+    assert "long" not in backend.log_lines("SLOW-END"), "test too slow to tell"
+    assert elapsed < 1.5, f"20 calls took {elapsed:.2f} s behind one slow call"
+    assert slow_conn.recv_slow() == "long"
 
 
 def test_client_ping_is_answered_by_the_proxy(echo_stack):

@@ -3,13 +3,17 @@
 import threading
 import uuid
 
+import pytest
+
 THREADS = 32
 CALLS_PER_THREAD = 200
 
 
-def test_concurrent_clients_get_their_own_replies(backends, proxies, clients):
-    backends.start("A")
-    backends.start("B")
+@pytest.mark.parametrize("concurrent", [False, True], ids=["plain", "concurrent"])
+def test_concurrent_clients_get_their_own_replies(backends, proxies, clients, concurrent):
+    # With concurrent endpoints the replies also come back from upstream out of order.
+    backends.start("A", concurrent=concurrent)
+    backends.start("B", concurrent=concurrent)
     proxy = proxies.start()
     conns = [clients(proxy.address, timeout=30) for _ in range(THREADS)]
     run = uuid.uuid4().hex[:8]

@@ -62,7 +62,8 @@ def test_backend_killed_mid_call(backends, proxies, clients):
 
 
 def test_request_timeout(backends, proxies, clients):
-    backend = backends.start("A")
+    # A concurrent endpoint, so the calls after the slow one are not queued behind it.
+    backend = backends.start("A", concurrent=True)
     proxy = proxies.start(request_timeout_ms=1000)
     conn = clients(proxy.address)
     other = clients(proxy.address)

@@ -9,8 +9,8 @@ import harness
 
 
 def test_sigterm_finishes_calls_in_flight(backends, proxies, clients):
-    a = backends.start("A")
-    b = backends.start("B")
+    a = backends.start("A", concurrent=True)
+    b = backends.start("B", concurrent=True)
     proxy = proxies.start()
     conns = [clients(proxy.address, timeout=30) for _ in range(4)]
     assert all(conn.echo("warm") == "warm" for conn in conns)

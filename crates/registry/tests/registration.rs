@@ -88,6 +88,9 @@ async fn replaces_a_stale_node() {
     old.create(&path, &serde_json::to_vec(&stale).unwrap(), &ephemeral())
         .await
         .unwrap();
+    // A marker of the old session: it vanishes once the server closed that session.
+    let marker = "/old-session-marker";
+    old.create(marker, &[], &ephemeral()).await.unwrap();
 
     let reg = Registration::register(
         settings(&servers, Duration::from_secs(10)),
@@ -103,10 +106,7 @@ async fn replaces_a_stale_node() {
     // Closing the stale owner's session does not take the new node with it.
     drop(old);
     wait_until_async(Duration::from_secs(10), || async {
-        zkc.list_ephemerals("/")
-            .await
-            .map(|e| e.len() == 1)
-            .unwrap_or(false)
+        zkc.check_stat(marker).await.unwrap().is_none()
     })
     .await;
     assert_eq!(read_node(&zkc, &path).await.map(|(j, _)| j), Some(lb));

@@ -7,7 +7,10 @@
 //! - [`shutdown_on_signals`]: SIGTERM/SIGINT cancel the root [`CancellationToken`].
 //! - [`init_logging`]: `tracing` to stderr or a daily-rotated file, text or JSON.
 //! - [`notify_ready`], [`notify_stopping`]: systemd `Type=notify`.
+//! - [`listener`]: listening sockets (unix or TCP) and connecting.
 //! - [`normalize_args`]: accept `-log_level`, `-work_dir`, ... as the Go original spelled them.
+
+pub mod listener;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

@@ -228,7 +228,7 @@ impl ZkServer {
             {
                 return Err(format!("zookeeper exited during start: {status}"));
             }
-            if ruok(self.port) {
+            if serving(self.port) {
                 return Ok(());
             }
             if started.elapsed() > START_TIMEOUT {
@@ -254,22 +254,27 @@ impl Drop for ZkServer {
     }
 }
 
-/// Sends the `ruok` four-letter word. Every step is bounded: during start ZooKeeper 3.8.0 can
-/// accept the probe, hit an NPE ("zkDb is null") and never close the socket.
-fn ruok(port: u16) -> bool {
+/// Whether the server serves clients. `ruok` alone is not enough: ZooKeeper 3.8.0 answers
+/// `imok` while its database is still loading, and closes client sessions meanwhile ("ZooKeeperServer
+/// not running"). `srvr` reports a `Mode:` only once the server runs.
+fn serving(port: u16) -> bool {
+    four_letter_word(port, b"ruok").is_some_and(|reply| reply == "imok")
+        && four_letter_word(port, b"srvr").is_some_and(|reply| reply.contains("Mode: "))
+}
+
+/// Sends a four-letter word and reads the reply up to EOF. Every step is bounded: during
+/// start ZooKeeper 3.8.0 can accept the probe, hit an NPE ("zkDb is null") and never close
+/// the socket.
+fn four_letter_word(port: u16, word: &[u8; 4]) -> Option<String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     let timeout = Some(Duration::from_secs(1));
-    if stream.set_read_timeout(timeout).is_err() || stream.set_write_timeout(timeout).is_err() {
-        return false;
-    }
-    if stream.write_all(b"ruok").is_err() {
-        return false;
-    }
-    let mut reply = [0u8; 4];
-    stream.read_exact(&mut reply).is_ok() && &reply == b"imok"
+    stream.set_read_timeout(timeout).ok()?;
+    stream.set_write_timeout(timeout).ok()?;
+    stream.write_all(word).ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    Some(reply)
 }
 
 /// A port that was free a moment ago (the kernel's pick for an ephemeral bind).
@@ -288,15 +293,15 @@ mod tests {
     fn starts_stops_and_restarts_on_the_same_port() {
         let mut zk = ZkServer::start();
         let port = zk.port();
-        assert!(ruok(port));
+        assert!(serving(port));
         assert_eq!(zk.connect_string(), format!("127.0.0.1:{port}"));
         assert!(zk.pid().is_some());
         zk.stop();
         assert!(zk.pid().is_none());
-        assert!(!ruok(port));
+        assert!(!serving(port));
         zk.restart();
         assert_eq!(zk.port(), port);
-        assert!(ruok(port));
+        assert!(serving(port));
         let dir = zk.dir.path().to_owned();
         drop(zk);
         assert!(!dir.exists());

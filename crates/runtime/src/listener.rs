@@ -1,11 +1,20 @@
-//! Where clients come in: binds the proxy's unix socket (stale file replaced, mode set) or
-//! TCP address, and accepts connections under a connection limit. Sits in front of
-//! [`crate::connection`].
+//! Listening sockets of both binaries (the proxy's client socket, the LB's front and back):
+//! a unix socket (stale file of a dead process replaced, mode set, file removed on drop) or a
+//! TCP address, plus accepting from either kind.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rpc_config::Address;
+
+/// An accepted connection of either kind.
+#[derive(Debug)]
+pub enum Stream {
+    /// From a unix socket.
+    Unix(tokio::net::UnixStream),
+    /// From a TCP socket (`TCP_NODELAY` set).
+    Tcp(tokio::net::TcpStream),
+}
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -71,6 +80,21 @@ impl Listener {
         }
     }
 
+    /// Accepts one connection.
+    ///
+    /// # Errors
+    /// The accept failed (for example EMFILE); the listener stays usable.
+    pub async fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept().await?.0)),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+        }
+    }
+
     /// The bound address, for logs.
     pub fn describe(&self) -> String {
         match self {
@@ -107,4 +131,47 @@ async fn bind_unix(path: &Path, mode: u32) -> Result<Listener, BindError> {
             inode: (meta.dev(), meta.ino()),
         },
     ))
+}
+
+/// Connects to `address` (unix path, or TCP with `TCP_NODELAY`).
+///
+/// # Errors
+/// The connect failed.
+pub async fn connect(address: &Address) -> std::io::Result<Stream> {
+    match address {
+        Address::Unix(path) => Ok(Stream::Unix(tokio::net::UnixStream::connect(path).await?)),
+        Address::Tcp(addr) => {
+            let stream = tokio::net::TcpStream::connect(addr.as_str()).await?;
+            stream.set_nodelay(true)?;
+            Ok(Stream::Tcp(stream))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unix_socket_mode_stale_file_and_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        // A stale socket file: bound once, its listener gone.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let address = Address::Unix(path.clone());
+        let listener = Listener::bind(&address, 0o640).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        assert!(matches!(
+            Listener::bind(&address, 0o640).await,
+            Err(BindError::InUse(_))
+        ));
+        drop(listener);
+        assert!(!path.exists(), "socket file removed on drop");
+        std::fs::write(&path, b"x").unwrap();
+        assert!(matches!(
+            Listener::bind(&address, 0o640).await,
+            Err(BindError::NotASocket(_))
+        ));
+    }
 }

@@ -1,0 +1,437 @@
+//! The LB's scheduler: which worker runs each call. A call goes to the worker with the fewest
+//! calls in flight that is below its capacity; when every worker is full it waits in a
+//! bounded queue, and leaves it for the first worker slot that frees up. Sits between the
+//! front (calls from proxies) and the worker connections.
+//!
+//! Invariant: a worker's `inflight` counts calls handed to its connection and not yet
+//! finished (answered by the worker, or lost with it). It never exceeds its capacity, and a
+//! call that timed out keeps its slot until the worker answers (a hung handler is not given
+//! more work).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use rpc_frame::{ExceptionCode, Message};
+use tokio::sync::mpsc;
+
+/// Where a call's reply goes: the proxy connection it came from, with the proxy's seqid.
+#[derive(Debug, Clone)]
+pub struct ReplyTo {
+    /// The front connection's writer.
+    pub tx: mpsc::UnboundedSender<BytesMut>,
+    /// The seqid the proxy used.
+    pub seqid: i32,
+}
+
+impl ReplyTo {
+    /// Sends a reply frame (a closed front connection drops it).
+    pub fn send(&self, frame: BytesMut) {
+        let _ = self.tx.send(frame);
+    }
+
+    /// Sends a `TApplicationException` for `method`.
+    pub fn fail(&self, method: &str, code: ExceptionCode, text: &str) {
+        self.send(rpc_frame::application_exception(
+            method, self.seqid, code, text,
+        ));
+    }
+}
+
+/// One call from a proxy, `service:` stripped.
+#[derive(Debug)]
+pub struct Call {
+    /// The call; its seqid is rewritten when written to a worker.
+    pub message: Message,
+    /// `None` for ONEWAY.
+    pub reply: Option<ReplyTo>,
+    /// After this the caller gets a timeout error.
+    pub deadline: Instant,
+}
+
+impl Call {
+    /// Answers the caller with a code-6 error (no-op for ONEWAY, which is only logged).
+    pub fn fail(self, service: &str, text: &str) {
+        let method = self.message.name().to_owned();
+        match self.reply {
+            Some(reply) => reply.fail(&method, ExceptionCode::InternalError, text),
+            None => tracing::warn!(service, method, error = text, "oneway call failed"),
+        }
+    }
+}
+
+/// What a worker connection receives.
+#[derive(Debug)]
+pub enum ToWorker {
+    /// A call to run.
+    Call(Call),
+    /// A control frame to write as is (STOP_CONFIRM).
+    Control(BytesMut),
+}
+
+/// Identifies a worker connection.
+pub type WorkerId = u64;
+
+/// Why a call was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// No worker is connected (or every one is stopping).
+    NoWorker,
+    /// Every worker is full and the queue is at its bound.
+    QueueFull,
+    /// The LB has told its workers to stop.
+    Stopping,
+}
+
+#[derive(Debug)]
+struct Worker {
+    id: WorkerId,
+    tx: mpsc::UnboundedSender<ToWorker>,
+    inflight: usize,
+    capacity: usize,
+    /// False after the worker sent STOP or the LB told it to stop.
+    active: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    workers: Vec<Worker>,
+    queue: VecDeque<Call>,
+    next_id: WorkerId,
+    stopping: bool,
+}
+
+/// A snapshot of one worker, for status output and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerLoad {
+    /// The worker's id.
+    pub id: WorkerId,
+    /// Calls in flight on it.
+    pub inflight: usize,
+    /// Its capacity.
+    pub capacity: usize,
+    /// Whether it takes new calls.
+    pub active: bool,
+}
+
+// === impl Dispatcher ===
+
+/// The scheduler shared by the front and worker connections.
+#[derive(Debug)]
+pub struct Dispatcher {
+    state: Mutex<State>,
+    max_queue: usize,
+}
+
+impl Dispatcher {
+    /// An empty dispatcher whose queue holds at most `max_queue` calls.
+    pub fn new(max_queue: usize) -> Self {
+        Dispatcher {
+            state: Mutex::new(State::default()),
+            max_queue,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a call: to the least loaded worker with room, else into the queue.
+    ///
+    /// # Errors
+    /// The call comes back with a [`Reject`] when it can be neither sent nor queued.
+    pub fn submit(&self, call: Call) -> Result<(), (Call, Reject)> {
+        let mut state = self.state();
+        if state.stopping {
+            return Err((call, Reject::Stopping));
+        }
+        let mut call = call;
+        while let Some(index) = least_loaded(&state.workers) {
+            let worker = &mut state.workers[index];
+            match worker.tx.send(ToWorker::Call(call)) {
+                Ok(()) => {
+                    worker.inflight += 1;
+                    return Ok(());
+                }
+                Err(mpsc::error::SendError(ToWorker::Call(back))) => {
+                    // The connection is gone and its task will remove it; skip it now.
+                    worker.active = false;
+                    call = back;
+                }
+                Err(mpsc::error::SendError(ToWorker::Control(_))) => {
+                    unreachable!("a call was sent")
+                }
+            }
+        }
+        if !state.workers.iter().any(|w| w.active) {
+            return Err((call, Reject::NoWorker));
+        }
+        if state.queue.len() >= self.max_queue {
+            return Err((call, Reject::QueueFull));
+        }
+        state.queue.push_back(call);
+        Ok(())
+    }
+
+    /// Adds a worker connection with `capacity` slots; queued calls start on it at once.
+    pub fn add_worker(&self, tx: mpsc::UnboundedSender<ToWorker>, capacity: usize) -> WorkerId {
+        let mut state = self.state();
+        state.next_id += 1;
+        let id = state.next_id;
+        let active = !state.stopping;
+        state.workers.push(Worker {
+            id,
+            tx,
+            inflight: 0,
+            capacity: capacity.max(1),
+            active,
+        });
+        drain_queue(&mut state);
+        id
+    }
+
+    /// Sets a worker's capacity (from its HELLO).
+    pub fn set_capacity(&self, id: WorkerId, capacity: usize) {
+        let mut state = self.state();
+        if let Some(worker) = state.workers.iter_mut().find(|w| w.id == id) {
+            worker.capacity = capacity.max(1);
+        }
+        drain_queue(&mut state);
+    }
+
+    /// One call on worker `id` finished (or was written, for ONEWAY): its slot takes the
+    /// next queued call.
+    pub fn finished(&self, id: WorkerId) {
+        let mut state = self.state();
+        if let Some(worker) = state.workers.iter_mut().find(|w| w.id == id) {
+            worker.inflight = worker.inflight.saturating_sub(1);
+        }
+        drain_queue(&mut state);
+    }
+
+    /// The worker sent STOP: no new calls for it. Returns whether it was known.
+    pub fn deactivate(&self, id: WorkerId) -> bool {
+        let mut state = self.state();
+        match state.workers.iter_mut().find(|w| w.id == id) {
+            Some(worker) => {
+                worker.active = false;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The worker's connection is gone.
+    pub fn remove(&self, id: WorkerId) {
+        let mut state = self.state();
+        state.workers.retain(|w| w.id != id);
+    }
+
+    /// Stops dispatching (LB shutdown): every worker gets STOP_CONFIRM, queued calls come
+    /// back to be failed, and later submits are rejected.
+    pub fn stop_all(&self) -> Vec<Call> {
+        let mut state = self.state();
+        state.stopping = true;
+        for worker in &mut state.workers {
+            worker.active = false;
+            let _ = worker.tx.send(ToWorker::Control(rpc_frame::stop_confirm()));
+        }
+        state.queue.drain(..).collect()
+    }
+
+    /// Removes and returns queued calls whose deadline has passed.
+    pub fn expire_queue(&self, now: Instant) -> Vec<Call> {
+        let mut state = self.state();
+        let mut expired = Vec::new();
+        let mut kept = VecDeque::with_capacity(state.queue.len());
+        for call in state.queue.drain(..) {
+            if call.deadline <= now {
+                expired.push(call)
+            } else {
+                kept.push_back(call)
+            }
+        }
+        state.queue = kept;
+        expired
+    }
+
+    /// Workers taking new calls.
+    pub fn active_workers(&self) -> usize {
+        self.state().workers.iter().filter(|w| w.active).count()
+    }
+
+    /// Calls in flight on workers plus calls queued.
+    pub fn outstanding(&self) -> usize {
+        let state = self.state();
+        state.workers.iter().map(|w| w.inflight).sum::<usize>() + state.queue.len()
+    }
+
+    /// Calls waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.state().queue.len()
+    }
+
+    /// Every worker's load.
+    pub fn loads(&self) -> Vec<WorkerLoad> {
+        self.state()
+            .workers
+            .iter()
+            .map(|w| WorkerLoad {
+                id: w.id,
+                inflight: w.inflight,
+                capacity: w.capacity,
+                active: w.active,
+            })
+            .collect()
+    }
+}
+
+/// The active worker with room and the fewest calls in flight (ties: the least recently
+/// added first, which spreads calls evenly over equal workers as slots free up).
+fn least_loaded(workers: &[Worker]) -> Option<usize> {
+    workers
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.active && w.inflight < w.capacity)
+        .min_by_key(|(_, w)| (w.inflight * 1024 / w.capacity, w.inflight))
+        .map(|(i, _)| i)
+}
+
+/// Moves queued calls onto workers with room.
+fn drain_queue(state: &mut State) {
+    while !state.queue.is_empty() {
+        let Some(index) = least_loaded(&state.workers) else {
+            return;
+        };
+        let Some(call) = state.queue.pop_front() else {
+            return;
+        };
+        let worker = &mut state.workers[index];
+        match worker.tx.send(ToWorker::Call(call)) {
+            Ok(()) => worker.inflight += 1,
+            Err(mpsc::error::SendError(ToWorker::Call(back))) => {
+                worker.active = false;
+                state.queue.push_front(back);
+            }
+            Err(mpsc::error::SendError(ToWorker::Control(_))) => unreachable!("a call was sent"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rpc_frame::MessageType;
+    use std::time::Duration;
+
+    fn call(deadline: Instant) -> Call {
+        let mut wire = rpc_frame::encode_message(MessageType::Call, "echo", 1, &[0]);
+        let frame = rpc_frame::decode_frame(&mut wire, 1 << 20)
+            .unwrap()
+            .unwrap();
+        Call {
+            message: Message::parse(frame).unwrap(),
+            reply: None,
+            deadline,
+        }
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    fn calls_on(rx: &mut mpsc::UnboundedReceiver<ToWorker>) -> usize {
+        let mut n = 0;
+        while let Ok(ToWorker::Call(_)) = rx.try_recv() {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn no_worker_rejects_at_once() {
+        let d = Dispatcher::new(10);
+        assert_eq!(d.submit(call(later())).unwrap_err().1, Reject::NoWorker);
+    }
+
+    #[test]
+    fn least_loaded_within_capacity_then_queue_then_reject() {
+        let d = Dispatcher::new(2);
+        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        let w1 = d.add_worker(tx1, 2);
+        let _w2 = d.add_worker(tx2, 2);
+        for _ in 0..4 {
+            d.submit(call(later())).unwrap();
+        }
+        assert_eq!(
+            (calls_on(&mut rx1), calls_on(&mut rx2)),
+            (2, 2),
+            "spread evenly, capped by capacity"
+        );
+        d.submit(call(later())).unwrap();
+        d.submit(call(later())).unwrap();
+        assert_eq!(d.queued(), 2);
+        assert_eq!(d.submit(call(later())).unwrap_err().1, Reject::QueueFull);
+        d.finished(w1);
+        assert_eq!(
+            calls_on(&mut rx1),
+            1,
+            "a freed slot takes the next queued call"
+        );
+        assert_eq!(d.queued(), 1);
+        assert_eq!(d.outstanding(), 5);
+    }
+
+    #[test]
+    fn stopped_worker_gets_nothing_new_and_dead_worker_is_skipped() {
+        let d = Dispatcher::new(10);
+        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let (tx2, rx2) = mpsc::unbounded_channel();
+        let w1 = d.add_worker(tx1, 4);
+        let _w2 = d.add_worker(tx2, 4);
+        drop(rx2);
+        assert!(d.deactivate(w1));
+        assert_eq!(d.submit(call(later())).unwrap_err().1, Reject::NoWorker);
+        assert_eq!(calls_on(&mut rx1), 0);
+    }
+
+    #[test]
+    fn capacity_from_hello_and_queue_expiry() {
+        let d = Dispatcher::new(10);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = d.add_worker(tx, 1);
+        d.submit(call(later())).unwrap();
+        d.submit(call(Instant::now())).unwrap();
+        d.submit(call(later())).unwrap();
+        assert_eq!(calls_on(&mut rx), 1);
+        assert_eq!(
+            d.expire_queue(Instant::now() + Duration::from_millis(1))
+                .len(),
+            1
+        );
+        d.set_capacity(w, 3);
+        assert_eq!(
+            calls_on(&mut rx),
+            1,
+            "the live queued call starts when capacity grows"
+        );
+        assert_eq!(d.queued(), 0);
+    }
+
+    #[test]
+    fn stop_all_confirms_to_workers_and_rejects_after() {
+        let d = Dispatcher::new(10);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = d.add_worker(tx, 1);
+        d.submit(call(later())).unwrap();
+        d.submit(call(later())).unwrap();
+        let _ = w;
+        let queued = d.stop_all();
+        assert_eq!(queued.len(), 1);
+        assert!(matches!(rx.try_recv(), Ok(ToWorker::Call(_))));
+        assert!(matches!(rx.try_recv(), Ok(ToWorker::Control(_))));
+        assert_eq!(d.submit(call(later())).unwrap_err().1, Reject::Stopping);
+    }
+}

@@ -1,0 +1,213 @@
+//! The LB's front side: proxies (or any framed Thrift client) connect here. Each call is
+//! handed to the dispatcher and its reply written back when the worker answers, in
+//! completion order (proxies match replies by seqid). Pings are echoed at once. Sits between
+//! the proxies' sockets and the [`Dispatcher`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rpc_frame::{ExceptionCode, Message, MessageType};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::{Call, Dispatcher, Reject, ReplyTo};
+
+/// Tunables of front connections.
+#[derive(Debug, Clone)]
+pub struct FrontSettings {
+    /// The service served.
+    pub service: String,
+    /// Largest frame accepted.
+    pub max_frame_size: usize,
+    /// The LB's request timeout (a little less than the proxy's).
+    pub request_timeout: Duration,
+}
+
+/// Front activity, read by the graceful stop to see when proxies have gone quiet.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    last_call_ms: AtomicU64,
+    connections: AtomicUsize,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_call_ms: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Activity {
+    /// Time since the last call arrived from any proxy.
+    pub fn quiet_for(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_call_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Open front connections.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    fn note_call(&self) {
+        self.last_call_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The CONTRACT text for a call the dispatcher would not take.
+pub fn reject_text(service: &str, method: &str, reject: Reject) -> String {
+    match reject {
+        Reject::NoWorker => format!("Worker FOR {service}.{method} Not Found"),
+        Reject::QueueFull => {
+            format!(
+                "Service: {service}, Method: {method}, Error: every worker is busy and the queue is full"
+            )
+        }
+        Reject::Stopping => format!("Worker FOR {service}.{method} Not Found: the LB is stopping"),
+    }
+}
+
+/// Serves one proxy connection until it closes or `close` fires (after the drain).
+pub async fn serve<R, W>(
+    mut reader: R,
+    writer: W,
+    dispatcher: Arc<Dispatcher>,
+    settings: Arc<FrontSettings>,
+    activity: Arc<Activity>,
+    close: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    activity.connections.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::unbounded_channel::<BytesMut>();
+    let writing = tokio::spawn(write_loop(writer, rx));
+    let mut buf = BytesMut::new();
+    loop {
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8 * 1024);
+        }
+        let read = tokio::select! {
+            read = reader.read_buf(&mut buf) => read,
+            _ = close.cancelled() => break,
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if !take_frames(&mut buf, &tx, &dispatcher, &settings, &activity) {
+            break;
+        }
+    }
+    drop(tx);
+    // Replies still owed hold senders (in the dispatcher and worker connections); the writer
+    // ends once they are delivered or failed.
+    let _ = writing.await;
+    activity.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Handles every whole frame in `buf`; false when the stream cannot be framed any more.
+fn take_frames(
+    buf: &mut BytesMut,
+    tx: &mpsc::UnboundedSender<BytesMut>,
+    dispatcher: &Dispatcher,
+    settings: &FrontSettings,
+    activity: &Activity,
+) -> bool {
+    loop {
+        let frame = match rpc_frame::decode_frame(buf, settings.max_frame_size) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return true,
+            Err(e) => {
+                let text = format!("bad frame: {e}");
+                let _ = tx.send(rpc_frame::application_exception(
+                    "",
+                    0,
+                    ExceptionCode::ProtocolError,
+                    &text,
+                ));
+                return false;
+            }
+        };
+        let mut message = match Message::parse(frame) {
+            Ok(m) => m,
+            Err((_, e)) => {
+                let text = format!("malformed message header: {e}");
+                let _ = tx.send(rpc_frame::application_exception(
+                    "",
+                    0,
+                    ExceptionCode::ProtocolError,
+                    &text,
+                ));
+                continue;
+            }
+        };
+        let seqid = message.seqid();
+        match message.message_type() {
+            MessageType::Heartbeat => {
+                let _ = tx.send(message.into_wire());
+                continue;
+            }
+            MessageType::Call | MessageType::Oneway => {}
+            other => {
+                let text = format!("message type {} is not a call", other.as_u8());
+                let _ = tx.send(rpc_frame::application_exception(
+                    message.method(),
+                    seqid,
+                    ExceptionCode::ProtocolError,
+                    &text,
+                ));
+                continue;
+            }
+        }
+        activity.note_call();
+        message.strip_service();
+        let reply = (message.message_type() == MessageType::Call).then(|| ReplyTo {
+            tx: tx.clone(),
+            seqid,
+        });
+        let call = Call {
+            message,
+            reply,
+            deadline: Instant::now() + settings.request_timeout,
+        };
+        if let Err((call, reject)) = dispatcher.submit(call) {
+            let text = reject_text(&settings.service, call.message.name(), reject);
+            call.fail(&settings.service, &text);
+        }
+    }
+}
+
+async fn write_loop<W>(mut writer: W, mut rx: mpsc::UnboundedReceiver<BytesMut>)
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut batch = Vec::with_capacity(64);
+    let mut buf = BytesMut::new();
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        for frame in batch.drain(..) {
+            if buf.is_empty() && frame.len() > 64 * 1024 {
+                if writer.write_all(&frame).await.is_err() {
+                    return;
+                }
+            } else {
+                buf.extend_from_slice(&frame);
+            }
+        }
+        if !buf.is_empty() {
+            if writer.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+    }
+    let _ = writer.shutdown().await;
+}

@@ -1,0 +1,284 @@
+//! `rpc_lb`, the per-service-instance load balancer (L3 of the mesh): proxies send calls to
+//! its front socket, Python worker processes dial its back socket, and each call runs on the
+//! least busy worker. It registers itself in ZooKeeper while it has workers, and stops
+//! without losing a call.
+//!
+//! # Layout
+//! - [`front`]: proxy connections; calls in, replies out in completion order.
+//! - [`dispatch`]: least-loaded dispatch within worker capacity, bounded wait queue.
+//! - [`workers`]: worker connections (seqid rewrite, heartbeats, STOP, HELLO).
+//! - [`registration`]: the ZooKeeper node follows the workers.
+//! - [`address`]: which address to listen on and register.
+//!
+//! # Shutdown order (SIGTERM/SIGINT, bounded by `drain_grace`)
+//! 1. Delete the ZooKeeper node (proxies stop routing here once they see it).
+//! 2. Keep serving what proxies still send until the front has been quiet for a moment or
+//!    every proxy connection has closed.
+//! 3. Stop accepting proxies and workers; send every worker STOP_CONFIRM (nothing new is
+//!    coming); queued calls that no worker took get code 6.
+//! 4. Wait until every call in flight has its reply delivered.
+//! 5. Close the front connections and return.
+
+pub mod address;
+pub mod dispatch;
+pub mod front;
+pub mod registration;
+pub mod workers;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rpc_config::LbConfig;
+use rpc_registry::{EndpointInfo, ZkSettings};
+use rpc_runtime::listener::{Listener, Stream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::dispatch::Dispatcher;
+use crate::front::{Activity, FrontSettings};
+use crate::registration::Registrar;
+use crate::workers::{WorkerEvent, WorkerSettings};
+
+/// How long the front must be quiet (no new call) before the LB stops taking calls.
+pub const QUIET_PERIOD: Duration = Duration::from_millis(1500);
+
+/// Largest capacity a worker may announce.
+const MAX_WORKER_CAPACITY: usize = 1024;
+
+/// What `rpc_lb` needs besides its configuration.
+#[derive(Debug)]
+pub struct LbRun {
+    /// The validated configuration.
+    pub config: LbConfig,
+    /// Bound front socket (proxies).
+    pub front: Listener,
+    /// Bound back socket (workers).
+    pub back: Listener,
+    /// The node data to register (frontend, deploy path, ...).
+    pub info: EndpointInfo,
+}
+
+/// Runs the LB until `shutdown` is cancelled and the drain is over.
+pub async fn run(lb: LbRun, shutdown: CancellationToken) {
+    let LbRun {
+        config,
+        front,
+        back,
+        info,
+    } = lb;
+    let zk = ZkSettings {
+        servers: config.common.zk.clone(),
+        session_timeout: config.common.zk_session_timeout,
+    };
+    let registrar = Registrar::spawn(zk, config.common.product.clone(), info);
+    let dispatcher = Arc::new(Dispatcher::new(config.max_queue));
+    let activity = Arc::new(Activity::default());
+    // The LB answers a little before the proxy gives up, so the caller sees the LB's reason.
+    let request_timeout = config.request_timeout.mul_f64(0.95);
+    let front_settings = Arc::new(FrontSettings {
+        service: config.service.clone(),
+        max_frame_size: config.common.max_frame_size,
+        request_timeout,
+    });
+    let worker_settings = Arc::new(WorkerSettings {
+        service: config.service.clone(),
+        default_capacity: config.worker_pool_size,
+        max_capacity: MAX_WORKER_CAPACITY,
+        heartbeat_interval: config.common.heartbeat_interval,
+        heartbeat_timeout: config.common.heartbeat_timeout,
+        max_frame_size: config.common.max_frame_size,
+    });
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let stop_accepting = CancellationToken::new();
+    let close_front = CancellationToken::new();
+    let front_tracker = TaskTracker::new();
+    let worker_tracker = TaskTracker::new();
+
+    tracing::info!(
+        front = front.describe(),
+        back = back.describe(),
+        service = config.service,
+        "rpc_lb listening"
+    );
+    rpc_runtime::notify_ready();
+    let front_accept = tokio::spawn(accept_front(
+        front,
+        front_tracker.clone(),
+        dispatcher.clone(),
+        front_settings,
+        activity.clone(),
+        stop_accepting.clone(),
+        close_front.clone(),
+    ));
+    let back_accept = tokio::spawn(accept_workers(
+        back,
+        worker_tracker.clone(),
+        dispatcher.clone(),
+        worker_settings,
+        events_tx,
+        stop_accepting.clone(),
+    ));
+    let expiry = tokio::spawn(expire_queue(dispatcher.clone(), config.service.clone()));
+
+    // Registration follows the workers until shutdown.
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = events_rx.recv() => {
+                if event.is_none() {
+                    break;
+                }
+                while events_rx.try_recv().is_ok() {}
+                registrar.want(dispatcher.active_workers() > 0);
+            }
+        }
+    }
+
+    // 1. Deregister.
+    let deadline = Instant::now() + config.drain_grace;
+    rpc_runtime::notify_stopping();
+    tracing::info!("stopping: deregistering from zookeeper");
+    registrar
+        .shutdown(Duration::from_secs(5).min(config.drain_grace))
+        .await;
+    // 2. Serve until the front is quiet.
+    tracing::info!(
+        connections = activity.connections(),
+        "stopping: serving until proxies are quiet"
+    );
+    wait_until(deadline, || {
+        activity.connections() == 0 || activity.quiet_for() >= QUIET_PERIOD
+    })
+    .await;
+    // 3. Stop taking calls and tell the workers.
+    stop_accepting.cancel();
+    let _ = front_accept.await;
+    let _ = back_accept.await;
+    let queued = dispatcher.stop_all();
+    for call in queued {
+        let text = front::reject_text(
+            &config.service,
+            call.message.name(),
+            dispatch::Reject::Stopping,
+        );
+        call.fail(&config.service, &text);
+    }
+    // 4. Wait for the replies.
+    tracing::info!(
+        outstanding = dispatcher.outstanding(),
+        "stopping: waiting for calls in flight"
+    );
+    wait_until(deadline, || dispatcher.outstanding() == 0).await;
+    if dispatcher.outstanding() > 0 {
+        tracing::warn!(
+            left = dispatcher.outstanding(),
+            "drain grace over with calls in flight"
+        );
+    }
+    // 5. Close.
+    close_front.cancel();
+    front_tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), front_tracker.wait()).await;
+    expiry.abort();
+    tracing::info!("rpc_lb stopped");
+}
+
+/// Polls `done` every 20 ms until it holds or `deadline` passes.
+async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) {
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn expire_queue(dispatcher: Arc<Dispatcher>, service: String) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        for call in dispatcher.expire_queue(Instant::now()) {
+            let text = format!(
+                "Service: {service}, Method: {}, Error: timeout, no worker was free within the request timeout",
+                call.message.name()
+            );
+            call.fail(&service, &text);
+        }
+    }
+}
+
+async fn accept_front(
+    listener: Listener,
+    tracker: TaskTracker,
+    dispatcher: Arc<Dispatcher>,
+    settings: Arc<FrontSettings>,
+    activity: Arc<Activity>,
+    stop: CancellationToken,
+    close: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "front accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (dispatcher, settings, activity, close) = (
+            dispatcher.clone(),
+            settings.clone(),
+            activity.clone(),
+            close.clone(),
+        );
+        tracker.spawn(async move {
+            match stream {
+                Stream::Unix(s) => {
+                    let (r, w) = s.into_split();
+                    front::serve(r, w, dispatcher, settings, activity, close).await;
+                }
+                Stream::Tcp(s) => {
+                    let (r, w) = s.into_split();
+                    front::serve(r, w, dispatcher, settings, activity, close).await;
+                }
+            }
+        });
+    }
+}
+
+async fn accept_workers(
+    listener: Listener,
+    tracker: TaskTracker,
+    dispatcher: Arc<Dispatcher>,
+    settings: Arc<WorkerSettings>,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+    stop: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "worker accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (dispatcher, settings, events) = (dispatcher.clone(), settings.clone(), events.clone());
+        tracker.spawn(async move {
+            match stream {
+                Stream::Unix(mut s) => {
+                    let (r, w) = s.split();
+                    workers::serve(r, w, dispatcher, settings, events).await;
+                }
+                Stream::Tcp(mut s) => {
+                    let (r, w) = s.split();
+                    workers::serve(r, w, dispatcher, settings, events).await;
+                }
+            }
+        });
+    }
+}

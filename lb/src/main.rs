@@ -1,0 +1,147 @@
+//! `rpc_lb` command line: parse flags, read the configuration, set up logging, bind the front
+//! and back sockets, run until SIGTERM/SIGINT, drain, exit. See `lib.rs` for the shutdown
+//! order.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rpc_config::LbConfig;
+use rpc_registry::EndpointInfo;
+use rpc_runtime::exit;
+use rpc_runtime::listener::Listener;
+
+/// Per-service-instance load balancer: proxies call in, Python workers dial in.
+#[derive(Debug, Parser)]
+#[command(name = "rpc_lb", version, disable_version_flag = true)]
+struct Cli {
+    /// Configuration file (config.ini).
+    #[arg(short = 'c', long = "config", value_name = "CONFIG")]
+    config: PathBuf,
+    /// Log to this file, rotated daily, instead of stderr.
+    #[arg(short = 'L', long = "log-file", value_name = "LOGFILE")]
+    log_file: Option<PathBuf>,
+    /// error, warn, info or debug (default info, or debug with verbose=1).
+    #[arg(long = "log-level", value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Deploy directory written into the ZooKeeper node (default: the current directory).
+    #[arg(long = "work-dir", value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Code version written into the ZooKeeper node.
+    #[arg(long = "code-url-version", value_name = "VERSION", default_value = "")]
+    code_url_version: String,
+    /// Accepted for compatibility with the Go original; ignored.
+    #[arg(long = "profile-address", value_name = "ADDR", hide = true)]
+    profile_address: Option<String>,
+    /// Print the version and exit.
+    #[arg(short = 'V', long = "version", action = clap::ArgAction::Version)]
+    version: Option<bool>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(rpc_runtime::normalize_args(std::env::args_os())) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(exit::USAGE),
+            };
+        }
+    };
+    let (config, warnings) = match LbConfig::from_file(&cli.config) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("rpc_lb: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let front = match rpc_lb::address::front(&config) {
+        Ok(front) => front,
+        Err(e) => {
+            eprintln!("rpc_lb: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let level = cli
+        .log_level
+        .clone()
+        .or_else(|| config.common.verbose.then(|| "debug".to_owned()));
+    let _log = match rpc_runtime::init_logging(&rpc_runtime::LogOptions {
+        level,
+        file: cli.log_file.clone(),
+        keep_days: config.common.log_keep_days,
+        json: config.common.log_format == rpc_config::LogFormat::Json,
+    }) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("rpc_lb: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    for warning in &warnings {
+        tracing::warn!(key = warning.key, "{}", warning.message);
+    }
+    let info = EndpointInfo {
+        service: config.service.clone(),
+        service_id: rpc_registry::service_id(&front.frontend),
+        frontend: front.frontend.clone(),
+        deploy_path: rpc_lb::address::deploy_path(cli.work_dir.clone()),
+        code_url_version: cli.code_url_version.clone(),
+        hostname: rpc_lb::address::hostname(),
+        start_time: rpc_registry::now_start_time(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rpc_lb: cannot start runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = match rpc_runtime::shutdown_on_signals() {
+            Ok(token) => token,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                return ExitCode::from(exit::FAILURE);
+            }
+        };
+        let mode = config.common.socket_mode;
+        let front = match Listener::bind(&front.listen, mode).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("rpc_lb: front: {e}");
+                return ExitCode::from(exit::FAILURE);
+            }
+        };
+        let back = match Listener::bind(&config.back_address, mode).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("rpc_lb: back: {e}");
+                return ExitCode::from(exit::FAILURE);
+            }
+        };
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            service = config.service,
+            product = config.common.product,
+            "rpc_lb starting"
+        );
+        rpc_lb::run(
+            rpc_lb::LbRun {
+                config,
+                front,
+                back,
+                info,
+            },
+            shutdown,
+        )
+        .await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,118 @@
+//! Keeps the LB's ZooKeeper node in step with its workers: registered while at least one
+//! worker takes calls, deregistered when the last one is gone or the LB stops. Session expiry
+//! is handled inside [`rpc_registry::Registration`] (it registers again by itself). Sits
+//! between the worker events and ZooKeeper.
+
+use std::time::Duration;
+
+use rpc_registry::{EndpointInfo, Registration, ZkSettings};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Handle to the registration task.
+#[derive(Debug)]
+pub struct Registrar {
+    want: watch::Sender<bool>,
+    registered: watch::Receiver<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Registrar {
+    /// Starts the task; nothing is registered until [`Registrar::want`] says so.
+    pub fn spawn(settings: ZkSettings, product: String, info: EndpointInfo) -> Self {
+        let (want, want_rx) = watch::channel(false);
+        let (registered_tx, registered) = watch::channel(false);
+        let task = tokio::spawn(run(settings, product, info, want_rx, registered_tx));
+        Registrar {
+            want,
+            registered,
+            task,
+        }
+    }
+
+    /// Asks for the node to exist (`true`) or not (`false`).
+    pub fn want(&self, registered: bool) {
+        self.want
+            .send_if_modified(|w| std::mem::replace(w, registered) != registered);
+    }
+
+    /// Whether the node exists now (as far as this LB knows).
+    pub fn is_registered(&self) -> bool {
+        *self.registered.borrow()
+    }
+
+    /// A receiver of the registered state.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.registered.clone()
+    }
+
+    /// Deregisters and ends the task; waits at most `bound`.
+    pub async fn shutdown(self, bound: Duration) {
+        let _ = self.want.send(false);
+        let mut registered = self.registered.clone();
+        let gone = registered.wait_for(|r| !*r);
+        if tokio::time::timeout(bound, gone).await.is_err() {
+            tracing::warn!("zookeeper node not confirmed deleted in time");
+        }
+        drop(self.want);
+        let _ = tokio::time::timeout(bound, self.task).await;
+    }
+}
+
+async fn run(
+    settings: ZkSettings,
+    product: String,
+    info: EndpointInfo,
+    mut want: watch::Receiver<bool>,
+    registered: watch::Sender<bool>,
+) {
+    let mut current: Option<Registration> = None;
+    let mut failures = 0u32;
+    loop {
+        let wanted = *want.borrow_and_update();
+        if wanted && current.is_none() {
+            let attempt = Registration::register(settings.clone(), product.clone(), info.clone());
+            tokio::select! {
+                result = attempt => match result {
+                    Ok(registration) => {
+                        tracing::info!(path = registration.path(), frontend = info.frontend, "registered in zookeeper");
+                        current = Some(registration);
+                        failures = 0;
+                        let _ = registered.send(true);
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let delay = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
+                        tracing::warn!(error = %e, retry_in = ?delay, "zookeeper registration failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            changed = want.changed() => if changed.is_err() { return },
+                        }
+                    }
+                },
+                // The wish changed while registering: start over (a half-made session is
+                // dropped with the future, taking its ephemeral node with it).
+                changed = want.changed() => if changed.is_err() { return },
+            }
+            continue;
+        }
+        if !wanted && let Some(registration) = current.take() {
+            let path = registration.path().to_owned();
+            match registration.deregister().await {
+                Ok(()) => tracing::info!(path, "deregistered from zookeeper"),
+                Err(e) => {
+                    tracing::warn!(path, error = %e, "deregistration failed; the session is closed anyway")
+                }
+            }
+            let _ = registered.send(false);
+            continue;
+        }
+        if want.changed().await.is_err() {
+            if let Some(registration) = current.take() {
+                let _ = registration.deregister().await;
+                let _ = registered.send(false);
+            }
+            return;
+        }
+    }
+}

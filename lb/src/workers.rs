@@ -1,0 +1,361 @@
+//! The LB's back side: Python worker processes dial in on `back_address`; each connection
+//! runs calls handed to it by the dispatcher, with seqids rewritten per connection and
+//! restored on the reply, heartbeats both ways, STOP / STOP_CONFIRM, and HELLO (capacity).
+//! Sits between the [`Dispatcher`] and the worker sockets.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rpc_frame::{ExceptionCode, Hello, Message, MessageType};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::dispatch::{Call, Dispatcher, ReplyTo, ToWorker, WorkerId};
+
+/// Tunables of worker connections.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// The service served (error messages).
+    pub service: String,
+    /// Capacity of a worker that sends no HELLO.
+    pub default_capacity: usize,
+    /// Largest HELLO capacity believed.
+    pub max_capacity: usize,
+    /// Ping a worker quiet this long.
+    pub heartbeat_interval: Duration,
+    /// Drop a worker quiet this long.
+    pub heartbeat_timeout: Duration,
+    /// Largest frame accepted from a worker.
+    pub max_frame_size: usize,
+}
+
+/// Worker-side events, for logs and registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// A worker connected.
+    Joined(WorkerId),
+    /// A worker sent STOP or left.
+    Left(WorkerId),
+}
+
+/// A call written to the worker, waiting for its reply.
+struct Pending {
+    /// `None` once the caller has been answered (timeout): the slot stays taken until the
+    /// worker answers.
+    reply: Option<ReplyTo>,
+    method: String,
+}
+
+#[derive(Default)]
+struct PendingMap {
+    calls: HashMap<i32, Pending>,
+    order: VecDeque<(Instant, i32)>,
+    next_seqid: i32,
+}
+
+impl PendingMap {
+    /// 1..=i32::MAX, wrapping; 0 is for control frames.
+    fn next_seqid(&mut self) -> i32 {
+        self.next_seqid = if self.next_seqid == i32::MAX {
+            1
+        } else {
+            self.next_seqid + 1
+        };
+        self.next_seqid
+    }
+}
+
+struct Shared {
+    id: WorkerId,
+    pending: Mutex<PendingMap>,
+    epoch: Instant,
+    last_rx_ms: AtomicU64,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingMap> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// Why a worker connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Closed,
+    HeartbeatTimeout,
+    BadFrame,
+}
+
+/// Serves one worker connection until it closes. Calls it held fail at once; calls handed
+/// to it but never written go back to the dispatcher for another worker.
+pub async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    dispatcher: Arc<Dispatcher>,
+    settings: Arc<WorkerSettings>,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = dispatcher.add_worker(tx.clone(), settings.default_capacity);
+    let _ = events.send(WorkerEvent::Joined(id));
+    tracing::info!(service = settings.service, worker = id, "worker joined");
+    let shared = Shared {
+        id,
+        pending: Mutex::new(PendingMap::default()),
+        epoch: Instant::now(),
+        last_rx_ms: AtomicU64::new(0),
+    };
+    let ending = tokio::select! {
+        ending = write_loop(&shared, &dispatcher, &settings, writer, &mut rx) => ending,
+        ending = read_loop(&shared, &dispatcher, &settings, reader, &tx, &events) => ending,
+    };
+    dispatcher.remove(id);
+    let _ = events.send(WorkerEvent::Left(id));
+    let held: Vec<Pending> = shared.pending().calls.drain().map(|(_, p)| p).collect();
+    let lost = held.iter().filter(|p| p.reply.is_some()).count();
+    for pending in held {
+        if let Some(reply) = pending.reply {
+            let text = format!(
+                "Service: {}, Method: {}, Error: worker lost ({ending:?}) while running the call",
+                settings.service, pending.method
+            );
+            reply.fail(&pending.method, ExceptionCode::InternalError, &text);
+        }
+    }
+    // Calls handed over but never written: another worker can run them.
+    rx.close();
+    let mut moved = 0;
+    while let Ok(item) = rx.try_recv() {
+        if let ToWorker::Call(call) = item {
+            moved += 1;
+            resubmit(&dispatcher, &settings.service, call);
+        }
+    }
+    tracing::info!(
+        service = settings.service,
+        worker = id,
+        ?ending,
+        lost,
+        moved,
+        "worker left"
+    );
+}
+
+/// Gives a call back to the dispatcher; if no worker can take it, fails it.
+pub fn resubmit(dispatcher: &Dispatcher, service: &str, call: Call) {
+    if let Err((call, reject)) = dispatcher.submit(call) {
+        let text = crate::front::reject_text(service, call.message.name(), reject);
+        call.fail(service, &text);
+    }
+}
+
+async fn write_loop<W>(
+    shared: &Shared,
+    dispatcher: &Dispatcher,
+    settings: &WorkerSettings,
+    mut writer: W,
+    rx: &mut mpsc::UnboundedReceiver<ToWorker>,
+) -> Ending
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut tick =
+        tokio::time::interval(settings.heartbeat_interval.min(Duration::from_millis(200)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(64);
+    let mut buf = BytesMut::new();
+    let mut last_ping_ms = 0u64;
+    let interval_ms = settings.heartbeat_interval.as_millis() as u64;
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => {
+                if n == 0 {
+                    return Ending::Closed;
+                }
+                let mut oneway_written = 0;
+                {
+                    let mut pending = shared.pending();
+                    for item in batch.drain(..) {
+                        match item {
+                            ToWorker::Control(frame) => buf.extend_from_slice(&frame),
+                            ToWorker::Call(call) => {
+                                let mut message = call.message;
+                                let seqid = pending.next_seqid();
+                                match call.reply {
+                                    // The proxy's seqid is kept in ReplyTo; the worker sees ours.
+                                    Some(reply) => {
+                                        pending.calls.insert(seqid, Pending {
+                                            reply: Some(reply),
+                                            method: message.name().to_owned(),
+                                        });
+                                        pending.order.push_back((call.deadline, seqid));
+                                    }
+                                    None => oneway_written += 1,
+                                }
+                                message.set_seqid(seqid);
+                                buf.extend_from_slice(message.as_wire());
+                            }
+                        }
+                    }
+                }
+                if writer.write_all(&buf).await.is_err() {
+                    return Ending::Closed;
+                }
+                buf.clear();
+                if buf.capacity() > 1 << 20 {
+                    buf = BytesMut::new();
+                }
+                for _ in 0..oneway_written {
+                    dispatcher.finished(shared.id);
+                }
+            }
+            _ = tick.tick() => {
+                expire(shared, settings);
+                let now_ms = shared.now_ms();
+                let quiet = now_ms.saturating_sub(shared.last_rx_ms.load(Ordering::Relaxed));
+                if quiet >= settings.heartbeat_timeout.as_millis() as u64 {
+                    return Ending::HeartbeatTimeout;
+                }
+                if now_ms.saturating_sub(last_ping_ms) >= interval_ms {
+                    last_ping_ms = now_ms;
+                    if writer.write_all(&rpc_frame::heartbeat(0)).await.is_err() {
+                        return Ending::Closed;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Answers callers whose deadline passed; their worker slot stays taken until the worker
+/// answers.
+fn expire(shared: &Shared, settings: &WorkerSettings) {
+    let now = Instant::now();
+    let mut pending = shared.pending();
+    while let Some(&(deadline, seqid)) = pending.order.front() {
+        if deadline > now {
+            break;
+        }
+        pending.order.pop_front();
+        if let Some(call) = pending.calls.get_mut(&seqid)
+            && let Some(reply) = call.reply.take()
+        {
+            let text = format!(
+                "Service: {}, Method: {}, Error: timeout, the worker did not answer within the request timeout",
+                settings.service, call.method
+            );
+            reply.fail(&call.method, ExceptionCode::InternalError, &text);
+        }
+    }
+}
+
+async fn read_loop<R>(
+    shared: &Shared,
+    dispatcher: &Dispatcher,
+    settings: &WorkerSettings,
+    mut reader: R,
+    tx: &mpsc::UnboundedSender<ToWorker>,
+    events: &mpsc::UnboundedSender<WorkerEvent>,
+) -> Ending
+where
+    R: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        match reader.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Ending::Closed,
+            Ok(_) => {}
+        }
+        shared.last_rx_ms.store(shared.now_ms(), Ordering::Relaxed);
+        loop {
+            let frame = match rpc_frame::decode_frame(&mut buf, settings.max_frame_size) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(worker = shared.id, error = %e, "bad frame from worker");
+                    return Ending::BadFrame;
+                }
+            };
+            let mut message = match Message::parse(frame) {
+                Ok(m) => m,
+                Err((_, e)) => {
+                    tracing::warn!(worker = shared.id, error = %e, "bad header from worker");
+                    return Ending::BadFrame;
+                }
+            };
+            match message.message_type() {
+                MessageType::Reply | MessageType::Exception => {
+                    let call = shared.pending().calls.remove(&message.seqid());
+                    let Some(call) = call else {
+                        tracing::debug!(
+                            worker = shared.id,
+                            seqid = message.seqid(),
+                            "reply for no pending call"
+                        );
+                        continue;
+                    };
+                    dispatcher.finished(shared.id);
+                    if let Some(reply) = call.reply {
+                        message.set_seqid(reply.seqid);
+                        reply.send(message.into_wire());
+                    }
+                }
+                // The echo of our ping; any frame already counted as life.
+                MessageType::Heartbeat => {}
+                MessageType::Stop => {
+                    tracing::info!(
+                        service = settings.service,
+                        worker = shared.id,
+                        "worker stopping (STOP)"
+                    );
+                    dispatcher.deactivate(shared.id);
+                    let _ = events.send(WorkerEvent::Left(shared.id));
+                    let _ = tx.send(ToWorker::Control(rpc_frame::stop_confirm()));
+                }
+                MessageType::Hello => match Hello::decode(message.body()) {
+                    Some(hello) => {
+                        let capacity = usize::try_from(hello.pool_size)
+                            .unwrap_or(1)
+                            .clamp(1, settings.max_capacity);
+                        tracing::info!(
+                            worker = shared.id,
+                            pid = hello.pid,
+                            capacity,
+                            service = hello.service,
+                            "worker hello"
+                        );
+                        if !hello.service.is_empty() && hello.service != settings.service {
+                            tracing::warn!(
+                                worker = shared.id,
+                                theirs = hello.service,
+                                ours = settings.service,
+                                "worker serves another service name"
+                            );
+                        }
+                        dispatcher.set_capacity(shared.id, capacity);
+                    }
+                    None => tracing::warn!(worker = shared.id, "malformed HELLO ignored"),
+                },
+                other => {
+                    tracing::debug!(
+                        worker = shared.id,
+                        kind = other.as_u8(),
+                        "unexpected frame from worker ignored"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! rpc_thrift worker extension (placeholder while it is being written).
