@@ -627,7 +627,9 @@ async fn read_all(client: &zk::Client, product: &str) -> Result<Snapshot, zk::Er
         }
         listed => listed?,
     };
+    let started = Instant::now();
     let services = read_services(client, product, names).await?;
+    debug!(services = services.len(), elapsed = ?started.elapsed(), "read every service");
     Ok(Snapshot {
         services_watch,
         services,
@@ -635,57 +637,46 @@ async fn read_all(client: &zk::Client, product: &str) -> Result<Snapshot, zk::Er
 }
 
 /// Lists and watches each service, then gets every endpoint's data: two round trips for all
-/// of them. Services deleted meanwhile are left out (the services watch reports them), and
-/// so are endpoints deleted meanwhile (their service's watch fires).
+/// of them. Every list request is sent up front; each service's data requests are sent as
+/// soon as its list is back, without waiting for the other lists. Services deleted meanwhile
+/// are left out (the services watch reports them), and so are endpoints deleted meanwhile
+/// (their service's watch fires).
 async fn read_services(
     client: &zk::Client,
     product: &str,
     services: Vec<String>,
 ) -> Result<Vec<ServiceRead>, zk::Error> {
-    let lists = join_all(
-        services
-            .iter()
-            .map(|s| client.list_and_watch_children(&service_path(product, s))),
-    )
-    .await;
-    let mut listed = Vec::with_capacity(services.len());
-    for (name, list) in services.into_iter().zip(lists) {
-        match list {
-            Ok((mut nodes, watch)) => {
-                nodes.sort_unstable();
-                listed.push((name, nodes, watch));
+    // `join_all` collects the iterator first: every list request is sent before any await.
+    let reads = join_all(services.into_iter().map(|name| {
+        let list = client.list_and_watch_children(&service_path(product, &name));
+        async move {
+            let (mut names, watch) = match list.await {
+                Ok(listed) => listed,
+                Err(zk::Error::NoNode) => return Ok(None),
+                Err(err) => return Err(err),
+            };
+            names.sort_unstable();
+            let datas = join_all(
+                names
+                    .iter()
+                    .map(|node| client.get_data(&endpoint_path(product, &name, node))),
+            )
+            .await;
+            let mut nodes = Vec::with_capacity(names.len());
+            for (node, data) in names.into_iter().zip(datas) {
+                match data {
+                    Ok((data, stat)) => nodes.push(NodeRead {
+                        name: node,
+                        data,
+                        stat,
+                    }),
+                    Err(zk::Error::NoNode) => {}
+                    Err(err) => return Err(err),
+                }
             }
-            Err(zk::Error::NoNode) => {}
-            Err(err) => return Err(err),
+            Ok(Some(ServiceRead { name, watch, nodes }))
         }
-    }
-    let datas = join_all(listed.iter().map(|(service, nodes, _)| {
-        join_all(
-            nodes
-                .iter()
-                .map(|node| client.get_data(&endpoint_path(product, service, node))),
-        )
     }))
     .await;
-    let mut reads = Vec::with_capacity(listed.len());
-    for ((name, nodes, watch), datas) in listed.into_iter().zip(datas) {
-        let mut read = Vec::with_capacity(nodes.len());
-        for (node, data) in nodes.into_iter().zip(datas) {
-            match data {
-                Ok((data, stat)) => read.push(NodeRead {
-                    name: node,
-                    data,
-                    stat,
-                }),
-                Err(zk::Error::NoNode) => {}
-                Err(err) => return Err(err),
-            }
-        }
-        reads.push(ServiceRead {
-            name,
-            watch,
-            nodes: read,
-        });
-    }
-    Ok(reads)
+    reads.into_iter().filter_map(Result::transpose).collect()
 }

@@ -81,7 +81,8 @@ impl Registration {
         })
     }
 
-    /// Whether the node is believed to exist now.
+    /// Whether the node is believed to exist now. Stays `true` while disconnected (the node
+    /// lives as long as its session); `false` from a session expiry until registered again.
     pub fn is_registered(&self) -> bool {
         self.registered.load(Ordering::Acquire)
     }

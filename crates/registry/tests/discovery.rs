@@ -328,16 +328,39 @@ async fn session_expiry_resyncs_with_a_new_session() {
     discovery.stop().await;
 }
 
+/// A "ZooKeeper" that accepts connections and never answers: the connect would hang for the
+/// connection timeout (12 s here), but shutdown does not wait for it.
 #[tokio::test]
-async fn shutdown_is_not_blocked_by_an_unreachable_zookeeper() {
+async fn shutdown_is_not_blocked_by_a_hung_zookeeper() {
     common::init_tracing();
-    // Nothing listens on port 1.
-    let discovery = Discovery::start(settings("127.0.0.1:1", Duration::from_secs(30)), "p");
-    let started = Instant::now();
-    // Give it a couple of connect attempts, then stop it (`stop` bounds the wait).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let servers = hung.local_addr().unwrap().to_string();
+    let discovery = Discovery::start(settings(&servers, Duration::from_secs(30)), "p");
+    let (_conn, _) = tokio::time::timeout(common::EVENT_TIMEOUT, hung.accept())
+        .await
+        .expect("discovery dials zookeeper")
+        .unwrap();
+    let stopping = Instant::now();
     discovery.stop().await;
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        stopping.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn keeps_retrying_an_unreachable_zookeeper_until_shutdown() {
+    common::init_tracing();
+    // Nothing listens on port 1: every attempt is refused at once, then retried with backoff.
+    let mut discovery = Discovery::start(settings("127.0.0.1:1", Duration::from_secs(30)), "p");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), discovery.next_raw())
+            .await
+            .is_err(),
+        "nothing to say while zookeeper was never reached"
+    );
+    discovery.stop().await;
 }
 
 #[tokio::test]
@@ -438,5 +461,71 @@ async fn scale_1000_services_of_4_endpoints() {
         .filter(|e| matches!(e, DiscoveryEvent::Endpoints { .. }))
         .count();
     assert_eq!(endpoint_events, SERVICES, "one Endpoints event per service");
+    discovery.stop().await;
+
+    // Again, against a server that has warmed up (as a production ZooKeeper is).
+    let started = Instant::now();
+    let mut discovery = Discovery::start(settings(&servers, Duration::from_secs(10)), product);
+    discovery.until_session(SessionState::Connected).await;
+    let connected = started.elapsed();
+    discovery.until_synced().await;
+    eprintln!(
+        "discovery of {SERVICES}x{ENDPOINTS} again (warm server): {:?} from connect to Synced",
+        started.elapsed() - connected
+    );
+    assert_eq!(discovery.table.len(), SERVICES);
+    assert!(discovery.table.values().all(|eps| eps.len() == ENDPOINTS));
+    discovery.stop().await;
+}
+
+/// How soon a vanished endpoint is reported: from the delete's reply to the event (printed,
+/// not asserted; the first rounds include the server's JIT warm-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_removal_latency() {
+    common::init_tracing();
+    let zk = ZkServer::start();
+    let servers = zk.connect_string();
+    let product = "latency";
+    let zkc = client(&servers).await;
+    let mut discovery = Discovery::start(settings(&servers, Duration::from_secs(10)), product);
+    discovery.until_synced().await;
+    create_service(&zkc, product, "svc").await;
+    let mut latencies = Vec::new();
+    for round in 0..20 {
+        let a = info("svc", &format!("10.0.0.{round}:1"));
+        let b = info("svc", &format!("10.0.1.{round}:1"));
+        create_endpoint(&zkc, product, &a, &ephemeral()).await;
+        create_endpoint(&zkc, product, &b, &ephemeral()).await;
+        discovery
+            .until(|e| matches!(e, DiscoveryEvent::Endpoints { endpoints, .. } if endpoints.len() == 2))
+            .await;
+        zkc.delete(&endpoint_path(product, "svc", &a.service_id), None)
+            .await
+            .unwrap();
+        let deleted = Instant::now();
+        let event = discovery.next_data().await;
+        latencies.push(deleted.elapsed());
+        assert_eq!(
+            event,
+            DiscoveryEvent::Endpoints {
+                service: "svc".into(),
+                endpoints: endpoints(&[&b])
+            }
+        );
+        zkc.delete(&endpoint_path(product, "svc", &b.service_id), None)
+            .await
+            .unwrap();
+        discovery
+            .until(|e| matches!(e, DiscoveryEvent::Endpoints { endpoints, .. } if endpoints.is_empty()))
+            .await;
+    }
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    eprintln!(
+        "endpoint removal reported after the delete's reply: median {:?}, max {:?}, last 5 {:?}",
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1],
+        &latencies[latencies.len() - 5..]
+    );
     discovery.stop().await;
 }

@@ -136,6 +136,11 @@ impl Discovery {
         event
     }
 
+    /// The next event or `None` if discovery ended (no timeout, not applied to the table).
+    pub async fn next_raw(&mut self) -> Option<DiscoveryEvent> {
+        self.rx.recv().await
+    }
+
     /// Skips (but applies) events until one matches; returns it.
     pub async fn until(
         &mut self,
