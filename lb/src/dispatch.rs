@@ -100,6 +100,8 @@ struct State {
     queue: VecDeque<Call>,
     next_id: WorkerId,
     stopping: bool,
+    /// Where the next tie-break starts.
+    cursor: usize,
 }
 
 /// A snapshot of one worker, for status output and tests.
@@ -142,12 +144,13 @@ impl Dispatcher {
     /// # Errors
     /// The call comes back with a [`Reject`] when it can be neither sent nor queued.
     pub fn submit(&self, call: Call) -> Result<(), (Call, Reject)> {
-        let mut state = self.state();
+        let mut guard = self.state();
+        let state = &mut *guard;
         if state.stopping {
             return Err((call, Reject::Stopping));
         }
         let mut call = call;
-        while let Some(index) = least_loaded(&state.workers) {
+        while let Some(index) = least_loaded(&state.workers, &mut state.cursor) {
             let worker = &mut state.workers[index];
             match worker.tx.send(ToWorker::Call(call)) {
                 Ok(()) => {
@@ -287,21 +290,23 @@ impl Dispatcher {
     }
 }
 
-/// The active worker with room and the fewest calls in flight (ties: the least recently
-/// added first, which spreads calls evenly over equal workers as slots free up).
-fn least_loaded(workers: &[Worker]) -> Option<usize> {
-    workers
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| w.active && w.inflight < w.capacity)
-        .min_by_key(|(_, w)| (w.inflight * 1024 / w.capacity, w.inflight))
-        .map(|(i, _)| i)
+/// The active worker with room and the lowest load (calls in flight over capacity). Ties go
+/// round-robin from `cursor`, so sequential calls on idle workers spread over all of them.
+fn least_loaded(workers: &[Worker], cursor: &mut usize) -> Option<usize> {
+    let n = workers.len();
+    let start = *cursor % n.max(1);
+    let best = (0..n)
+        .map(|k| (start + k) % n)
+        .filter(|&i| workers[i].active && workers[i].inflight < workers[i].capacity)
+        .min_by_key(|&i| (workers[i].inflight * 1024 / workers[i].capacity, workers[i].inflight))?;
+    *cursor = best + 1;
+    Some(best)
 }
 
 /// Moves queued calls onto workers with room.
 fn drain_queue(state: &mut State) {
     while !state.queue.is_empty() {
-        let Some(index) = least_loaded(&state.workers) else {
+        let Some(index) = least_loaded(&state.workers, &mut state.cursor) else {
             return;
         };
         let Some(call) = state.queue.pop_front() else {
@@ -382,6 +387,24 @@ mod tests {
         );
         assert_eq!(d.queued(), 1);
         assert_eq!(d.outstanding(), 5);
+    }
+
+    #[test]
+    fn sequential_calls_rotate_over_idle_workers() {
+        let d = Dispatcher::new(10);
+        let mut rxs = Vec::new();
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            ids.push(d.add_worker(tx, 2));
+            rxs.push(rx);
+        }
+        for round in 0..6 {
+            d.submit(call(later())).unwrap();
+            let busy = rxs.iter_mut().position(|rx| calls_on(rx) == 1).unwrap();
+            assert_eq!(busy, round % 3, "round {round}");
+            d.finished(ids[busy]);
+        }
     }
 
     #[test]

@@ -85,8 +85,10 @@ class Backends:
         self._idl, self._zk, self._product, self._workdir = idl, zk, product, workdir
         self.started = []
 
-    def start(self, name, services=("echo",), concurrent=False):
-        backend = harness.Backend(self._idl.gen_dir, name, self._workdir, concurrent=concurrent)
+    def start(self, name, services=("echo",), concurrent=False, unix=False):
+        backend = harness.Backend(
+            self._idl.gen_dir, name, self._workdir, concurrent=concurrent, unix=unix
+        )
         self.started.append(backend)
         backend.start()
         for service in services:

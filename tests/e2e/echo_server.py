@@ -10,10 +10,12 @@ the other. With `--concurrent` the server instead runs each call of a connection
 pool as soon as it arrives and writes each reply when it is ready, so replies can come back
 out of order (matched by seqid), as they do from an rpc_lb fanning calls out to workers.
 
-Usage: echo_server.py --gen-dir DIR --name NAME [--host 127.0.0.1] [--port 0] [--concurrent]
+Usage: echo_server.py --gen-dir DIR --name NAME [--host 127.0.0.1] [--port 0] [--unix PATH]
+                      [--concurrent]
 
-Once it listens it prints `READY <port>` on stdout. It also prints a line per event the
-tests wait on: `SLOW-START <s>`, `SLOW-END <s>`, `NOTIFY <s>`, `PING`.
+Once it listens it prints `READY <port>` (`READY 0` on a unix socket) on stdout. It also
+prints a line per event the tests wait on: `SLOW-START <s>`, `SLOW-END <s>`, `NOTIFY <s>`,
+`PING`.
 """
 
 import argparse
@@ -37,6 +39,7 @@ def main(argv=None):
     parser.add_argument("--name", required=True, help="what whoami() returns")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--unix", help="listen on this unix socket path instead of TCP")
     parser.add_argument(
         "--concurrent", action="store_true", help="run a connection's calls concurrently"
     )
@@ -94,9 +97,14 @@ def main(argv=None):
             if self.handle is None:
                 super().listen()
 
-    server_socket = BoundServerSocket(host=args.host, port=args.port)
-    server_socket.listen()
-    port = server_socket.handle.getsockname()[1]
+    if args.unix:
+        server_socket = BoundServerSocket(unix_socket=args.unix)
+        server_socket.listen()
+        port = 0
+    else:
+        server_socket = BoundServerSocket(host=args.host, port=args.port)
+        server_socket.listen()
+        port = server_socket.handle.getsockname()[1]
     processor = Echo.Processor(Handler())
     log(f"READY {port}")
     try:
@@ -162,7 +170,8 @@ def serve_concurrently(processor, listener):
 
     while True:
         conn, _ = listener.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         threading.Thread(target=read_calls, args=(conn,), daemon=True).start()
 
 

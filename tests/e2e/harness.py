@@ -309,13 +309,15 @@ class Backend:
     """tests/e2e/echo_server.py in a subprocess; stdout and stderr go to a log file.
 
     `concurrent=True` runs the calls of one connection concurrently, replies out of order
-    (see echo_server.py); the default server runs them one after the other.
+    (see echo_server.py); the default server runs them one after the other. `unix=True`
+    listens on `<workdir>/backend-<name>.sock` instead of a TCP port.
     """
 
-    def __init__(self, gen_dir, name, workdir, concurrent=False):
+    def __init__(self, gen_dir, name, workdir, concurrent=False, unix=False):
         self.gen_dir = Path(gen_dir)
         self.name = name
         self.concurrent = concurrent
+        self.unix_path = Path(workdir) / f"backend-{name}.sock" if unix else None
         self.log_path = Path(workdir) / f"backend-{name}.log"
         self.proc = None
         self.port = None
@@ -323,6 +325,9 @@ class Backend:
 
     @property
     def address(self):
+        """The registered `frontend`: host:port, or the unix socket path."""
+        if self.unix_path is not None:
+            return str(self.unix_path)
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout=20):
@@ -336,6 +341,8 @@ class Backend:
         ]
         if self.concurrent:
             cmd.append("--concurrent")
+        if self.unix_path is not None:
+            cmd += ["--unix", str(self.unix_path)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -368,11 +375,17 @@ class Backend:
         self.registrations.append((kz, path))
         return path
 
-    def unregister(self):
-        """Deletes every node this backend registered."""
+    def unregister(self, timeout=10):
+        """Deletes every node this backend registered (each request bounded by `timeout`)."""
+        from kazoo.exceptions import NoNodeError
+
         for kz, path in self.registrations:
-            if kz.exists(path):
-                kz.delete(path)
+            try:
+                # The *_async forms, because kazoo's plain calls wait without bound while
+                # ZooKeeper is away.
+                kz.delete_async(path).get(timeout=timeout)
+            except NoNodeError:
+                pass
         self.registrations = []
 
     def kill(self):
@@ -383,7 +396,7 @@ class Backend:
 
     def close(self):
         try:
-            self.unregister()
+            self.unregister(timeout=2)
         except Exception:  # noqa: BLE001 - teardown goes on (ZooKeeper may be down)
             pass
         self.kill()

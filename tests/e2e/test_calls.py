@@ -165,6 +165,32 @@ def test_slow_call_does_not_hold_up_other_clients(backends, proxies, clients):
     assert slow_conn.recv_slow() == "long"
 
 
+def test_pipelining_across_services_keeps_request_order(backends, proxies, clients):
+    backends.start("A", services=("echo",))
+    backends.start("B", services=("other",))
+    proxy = proxies.start()
+    conn = clients(proxy.address)
+    other = conn.client_for("other")  # same connection, another service
+    conn.send_slow(600, "echo-slow")
+    other.send_whoami()
+    conn.send_echo("echo-fast")
+    other.send_echo("other-fast")
+    assert conn.recv_slow() == "echo-slow"
+    assert other.recv_whoami() == "B"
+    assert conn.recv_echo() == "echo-fast"
+    assert other.recv_echo() == "other-fast"
+
+
+@pytest.mark.parametrize("concurrent", [False, True], ids=["plain", "concurrent"])
+def test_unix_socket_frontend(backends, proxies, clients, concurrent):
+    backend = backends.start("U", unix=True, concurrent=concurrent)
+    assert backend.address.startswith("/")
+    proxy = proxies.start()
+    conn = clients(proxy.address)
+    assert conn.whoami() == "U"
+    assert conn.echo("via unix frontend") == "via unix frontend"
+
+
 def test_client_ping_is_answered_by_the_proxy(echo_stack):
     with harness.RawConnection(echo_stack.proxy.address) as raw:
         raw.send_message("ping", harness.HEARTBEAT, 77)

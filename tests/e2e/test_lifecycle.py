@@ -5,6 +5,8 @@ import signal
 import threading
 import time
 
+from thrift.Thrift import TApplicationException
+
 import harness
 
 
@@ -42,6 +44,36 @@ def test_sigterm_finishes_calls_in_flight(backends, proxies, clients):
     assert exit_after < 15
     assert not os.path.exists(proxy.address), "socket file left behind"
     assert harness.connection_refused(proxy.address)
+
+
+def test_calls_past_drain_grace_get_code_6(backends, proxies, clients):
+    backend = backends.start("A", concurrent=True)
+    proxy = proxies.start(drain_grace_ms=1000)
+    conn = clients(proxy.address, timeout=30)
+    outcome = {}
+
+    def call():
+        try:
+            outcome["result"] = conn.slow(8000, "stuck")
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+        outcome["at"] = time.monotonic()
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    harness.wait_until(lambda: "stuck" in backend.log_lines("SLOW-START"), 10, "slow call started")
+    stopped_at = time.monotonic()
+    code = proxy.stop(signal.SIGTERM, timeout=10)
+    exit_after = time.monotonic() - stopped_at
+    thread.join(timeout=10)
+
+    error = outcome.get("error")
+    assert isinstance(error, TApplicationException), f"{outcome}\n{proxy.output()}"
+    assert error.type == TApplicationException.INTERNAL_ERROR, error.message
+    assert outcome["at"] - stopped_at < 5.0, "answered long after drain_grace_ms"
+    assert exit_after < 5.0, f"exited {exit_after:.1f} s after SIGTERM, drain_grace_ms=1000"
+    assert code >= 0, f"killed by signal {-code}"
+    assert not os.path.exists(proxy.address)
 
 
 def test_sigint_stops_cleanly(echo_stack):

@@ -1,0 +1,35 @@
+# Entry points of the repo. `make test` is the project's test command (scripts/test.sh).
+#
+#   make build      release binaries: target/release/rpc_proxy, target/release/rpc_lb
+#   make test       everything CI runs (scripts/test.sh: setup, lints, cargo test, e2e)
+#   make demo       one real Thrift call through ZooKeeper and rpc_proxy (scripts/demo.sh)
+#   make install    scripts/install.sh [PREFIX]; honours DESTDIR, UNIT_DIR, BUILD_DIR
+#   make check      formatting and lints only
+#   make ops-test   control scripts, systemd units and install (tests/ops; needs the debug
+#                   binaries: cargo build --workspace --bins)
+
+PREFIX ?= /usr/local/rpc_proxy
+PYTHON ?= python3
+
+.PHONY: build test demo install check ops-test
+
+build:
+	cargo build --workspace --release --bins
+
+test:
+	scripts/test.sh
+
+demo:
+	scripts/demo.sh
+
+install:
+	DESTDIR="$(DESTDIR)" UNIT_DIR="$(UNIT_DIR)" BUILD_DIR="$(BUILD_DIR)" scripts/install.sh "$(PREFIX)"
+
+check:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	ruff check tests demo
+	ruff format --check tests demo
+
+ops-test:
+	$(PYTHON) -m pytest -q tests/ops

@@ -1,0 +1,210 @@
+"""systemd/rpc_proxy.service and systemd/rpc_lb@.service (CONTRACT section 8): they pass
+`systemd-analyze verify` (the repo's copies apart from binaries absent on a build box, the
+installed copies with no message at all), carry the settings the issue asks for, and their
+ExecStart lines, run by hand with $NOTIFY_SOCKET set as systemd would, start a binary that
+sends READY=1, then STOPPING=1 and exits 0 on SIGTERM."""
+
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from opskit import REPO, SYSTEMD, clean_env, free_port, show, wait_until
+
+UNITS = {"rpc_proxy.service": "rpc_proxy.service", "rpc_lb@.service": "rpc_lb@echo.service"}
+# The one kind of message a build box may give: the binaries are not installed there.
+ABSENT_BINARY = re.compile(
+    r"^rpc_(proxy|lb@echo)\.service: Command /usr/local/rpc_proxy/bin/rpc_(proxy|lb) "
+    r"is not executable: No such file or directory$"
+)
+
+
+def parse_unit(path):
+    """{(section, key): [values]} of a unit file; comments and blank lines skipped."""
+    entries, section = {}, None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.setdefault((section, key.strip()), []).append(value.strip())
+    return entries
+
+
+def one(unit, section, key):
+    values = unit.get((section, key))
+    assert values and len(values) == 1, f"[{section}] {key}= should be set once: {values}"
+    return values[0]
+
+
+@pytest.fixture(scope="module")
+def analyze(tmp_path_factory):
+    """The systemd-analyze binary, once it is shown to verify a unit at all here."""
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze not installed (Debian package `systemd`)")
+    probe = tmp_path_factory.mktemp("probe")
+    good, bad = probe / "good.service", probe / "bad.service"
+    good.write_text("[Service]\nType=oneshot\nExecStart=/bin/true\n")
+    bad.write_text("[Service]\nType=notify\nExecStart=relative/path\n")
+    ok = subprocess.run([exe, "verify", "--man=no", str(good)], capture_output=True, text=True)
+    if ok.returncode != 0 or ok.stdout.strip() or ok.stderr.strip():
+        pytest.skip(f"systemd-analyze verify cannot run on this box: {show(ok)}")
+    flawed = subprocess.run([exe, "verify", "--man=no", str(bad)], capture_output=True, text=True)
+    assert flawed.returncode != 0, "systemd-analyze verify accepts a broken unit: no check"
+    return exe
+
+
+def verify(analyze, *paths):
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = [x for x in (result.stdout + result.stderr).splitlines() if x.strip()]
+    return result, lines
+
+
+def install(tmp, build_dir, **env):
+    result = subprocess.run(
+        [str(REPO / "scripts" / "install.sh"), str(tmp / "prefix")],
+        env=clean_env(BUILD_DIR=build_dir, UNIT_DIR=tmp / "units", CREATE_USER=0, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, show(result)
+    return tmp / "prefix", tmp / "units"
+
+
+def test_repo_units_pass_verify(analyze, tmp_path):
+    for src, name in UNITS.items():
+        shutil.copy(SYSTEMD / src, tmp_path / name)
+    result, lines = verify(analyze, *(tmp_path / name for name in UNITS.values()))
+    unexpected = [x for x in lines if not ABSENT_BINARY.match(x)]
+    assert not unexpected, show(result)
+    if lines:
+        print("accepted on a build box:", *lines, sep="\n  ")
+
+
+def test_installed_units_pass_verify_cleanly(analyze, short_dir, build_dir):
+    _, units = install(short_dir, build_dir)
+    shutil.copy(units / "rpc_lb@.service", units / "rpc_lb@echo.service")
+    result, lines = verify(analyze, units / "rpc_proxy.service", units / "rpc_lb@echo.service")
+    assert result.returncode == 0 and not lines, show(result)
+
+
+@pytest.mark.parametrize(
+    ("unit", "stop_timeout"), [("rpc_proxy.service", 20), ("rpc_lb@.service", 35)]
+)
+def test_unit_settings(unit, stop_timeout):
+    u = parse_unit(SYSTEMD / unit)
+    svc = "Service"
+    assert one(u, svc, "Type") == "notify"
+    assert one(u, svc, "NotifyAccess") == "main"
+    assert one(u, svc, "Restart") == "on-failure"
+    assert set(one(u, svc, "RestartPreventExitStatus").split()) == {"64", "78"}
+    assert one(u, svc, "KillSignal") == "SIGTERM"
+    assert int(one(u, svc, "TimeoutStopSec")) == stop_timeout
+    assert one(u, svc, "User") == "rpc" and one(u, svc, "Group") == "rpc"
+    assert one(u, svc, "NoNewPrivileges") == "yes"
+    assert one(u, svc, "ProtectSystem") == "strict"
+    assert one(u, svc, "ProtectHome") == "yes"
+    # Sockets and logs live in the prefix, which must stay writable under ProtectSystem.
+    assert "/usr/local/rpc_proxy" in one(u, svc, "ReadWritePaths").split()
+    assert one(u, svc, "PrivateTmp") == "no"
+    assert "AF_UNIX" in one(u, svc, "RestrictAddressFamilies").split()
+    assert one(u, "Install", "WantedBy") == "multi-user.target"
+    argv = shlex.split(one(u, svc, "ExecStart"))
+    assert argv[0].startswith("/usr/local/rpc_proxy/bin/rpc_")
+    assert argv[argv.index("-L") + 1].startswith("/usr/local/rpc_proxy/log/")
+    if unit.startswith("rpc_lb@"):
+        assert argv[argv.index("-c") + 1] == "/usr/local/rpc_proxy/lb/%i.ini"
+        assert "%i" in argv[argv.index("-L") + 1]
+
+
+def exec_start(unit_path, instance):
+    """The unit's ExecStart as an argv, with %i and ${VAR} expanded as systemd would."""
+    unit = parse_unit(unit_path)
+    env = {}
+    for assignment in unit.get(("Service", "Environment"), []):
+        key, _, value = assignment.partition("=")
+        env[key] = value
+    line = one(unit, "Service", "ExecStart").replace("%i", instance)
+    # systemd: a word that is exactly ${VAR} becomes exactly one argument, even when empty.
+    return [
+        env[w[2:-1]] if w.startswith("${") and w.endswith("}") else w for w in shlex.split(line)
+    ]
+
+
+def notify_socket(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    return sock
+
+
+def receive(sock, needle, timeout):
+    deadline = time.monotonic() + timeout
+    got = b""
+    while needle.encode() not in got:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        try:
+            got += sock.recv(4096) + b"\n"
+        except socket.timeout:
+            break
+    return got.decode()
+
+
+@pytest.mark.parametrize("unit", ["rpc_proxy.service", "rpc_lb@.service"])
+def test_installed_exec_start_runs_and_notifies(unit, short_dir, build_dir):
+    prefix, units = install(short_dir, build_dir)
+    zk = f"zk=127.0.0.1:{free_port()}\n"
+    if unit == "rpc_proxy.service":
+        (prefix / "config.ini").write_text(zk + f"proxy_address={prefix}/proxy.sock\n")
+        sock, log = prefix / "proxy.sock", "rpc_proxy.log"
+    else:
+        (prefix / "lb" / "echo.ini").write_text(
+            zk + f"service=echo\nfront_host=127.0.0.1\nfront_port={free_port()}\n"
+            f"back_address={prefix}/back.sock\n"
+        )
+        sock, log = prefix / "back.sock", "rpc_lb-echo.log"
+    argv = exec_start(units / unit, "echo")
+    notify = notify_socket(short_dir / "notify.sock")
+    proc = subprocess.Popen(
+        argv,
+        env=clean_env(NOTIFY_SOCKET=short_dir / "notify.sock"),
+        cwd=prefix,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        got = receive(notify, "READY=1", timeout=15)
+        assert "READY=1" in got, f"no READY=1 from {argv}: {got!r}, exit {proc.poll()}"
+        assert sock.is_socket(), "READY=1 came before the socket listens"
+        wait_until(lambda: any(prefix.glob(f"log/{log}.*")), 10, f"{log}.* in {prefix}/log")
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in receive(notify, "STOPPING=1", timeout=10)
+        assert proc.wait(timeout=35) == 0, proc.stdout.read()
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    # Exit codes the units never restart on: a bad config is 78.
+    (prefix / "config.ini").write_text("zk=\n")
+    (prefix / "lb" / "echo.ini").write_text("zk=\n")
+    bad = subprocess.run(argv, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 78, show(bad)
