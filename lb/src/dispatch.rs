@@ -298,7 +298,12 @@ fn least_loaded(workers: &[Worker], cursor: &mut usize) -> Option<usize> {
     let best = (0..n)
         .map(|k| (start + k) % n)
         .filter(|&i| workers[i].active && workers[i].inflight < workers[i].capacity)
-        .min_by_key(|&i| (workers[i].inflight * 1024 / workers[i].capacity, workers[i].inflight))?;
+        .min_by_key(|&i| {
+            (
+                workers[i].inflight * 1024 / workers[i].capacity,
+                workers[i].inflight,
+            )
+        })?;
     *cursor = best + 1;
     Some(best)
 }
