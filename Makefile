@@ -28,8 +28,8 @@ install:
 check:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	ruff check tests demo
-	ruff format --check tests demo
+	ruff check tests demo worker-py
+	ruff format --check tests demo worker-py
 
 ops-test:
 	$(PYTHON) -m pytest -q tests/ops

@@ -11,6 +11,10 @@ need_apt=()
 [ -f /usr/share/java/zookeeper.jar ] || need_apt+=(zookeeper)
 command -v thrift >/dev/null 2>&1 || need_apt+=(thrift-compiler)
 command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
+command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v flock >/dev/null 2>&1 || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: apt-get install ${need_apt[*]}"
     $SUDO apt-get update -qq

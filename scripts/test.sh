@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): installs what is missing, checks formatting
-# and lints, runs every Rust test (unit tests and the real-ZooKeeper registry tests) and the
-# end-to-end pytest suite (real ZooKeeper, real rpc_proxy, Thrift-generated Python clients
-# and servers). Fails when anything fails.
+# and lints, runs every Rust test (unit tests and the real-ZooKeeper registry tests), builds
+# and tests the rpc_thrift worker package, and runs the end-to-end pytest suites (real
+# ZooKeeper, real rpc_proxy and rpc_lb, Thrift-generated Python clients, servers and
+# workers) and the operations tests. Fails when anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,15 +14,24 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== ruff"
-ruff check tests demo
-ruff format --check tests demo
+ruff check tests demo worker-py
+ruff format --check tests demo worker-py
 
 echo "== cargo build"
 cargo build --workspace --bins
 echo "== cargo test"
 cargo test --workspace
 
+echo "== rpc_thrift (pip install ./worker-py)"
+python3 -m pip install -q --disable-pip-version-check ./worker-py
+(cd worker-py && python3 -m pytest -q tests)
+
+export RPC_PROXY_BIN="$PWD/target/debug/rpc_proxy" RPC_LB_BIN="$PWD/target/debug/rpc_lb"
 echo "== end-to-end (pytest)"
-RPC_PROXY_BIN="$PWD/target/debug/rpc_proxy" python3 -m pytest -q tests/e2e
+python3 -m pytest -q tests/e2e
+if [ -d tests/ops ]; then
+    echo "== operations (pytest)"
+    python3 -m pytest -q tests/ops
+fi
 
 echo "== all tests passed"

@@ -351,12 +351,12 @@ class Backend:
         def ready():
             for line in self.log().splitlines():
                 if line.startswith("READY "):
-                    return int(line.split()[1])
+                    return [int(line.split()[1])]  # a list: port 0 (unix) is truthy too
             if self.proc.poll() is not None:
                 raise RuntimeError(f"backend {self.name} exited:\n{_tail(self.log())}")
             return None
 
-        self.port = wait_until(ready, timeout, f"backend {self.name} prints READY")
+        (self.port,) = wait_until(ready, timeout, f"backend {self.name} prints READY")
         return self
 
     def log(self):

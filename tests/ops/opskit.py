@@ -179,6 +179,13 @@ class Control:
         return alive(pid) and exe_of(pid) == str(Path(self.bin).resolve())
 
     def kill_all(self):
+        """Kills every live process of our binary started on this test's dir: the pids seen
+        in the pid file, and any other (a start that went wrong leaves no pid file)."""
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                pid = int(entry.name)
+                if self.is_ours(pid) and any(str(self.dir) in a for a in cmdline_of(pid)):
+                    self.pids.add(pid)
         for pid in self.pids:
             if self.is_ours(pid):
                 os.kill(pid, signal.SIGKILL)

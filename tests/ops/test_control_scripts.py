@@ -78,6 +78,33 @@ def test_second_start_refuses(control):
     assert control.run("stop").returncode == 0
 
 
+def test_concurrent_starts_launch_one_process(control):
+    cmd = [str(control.script), "start", str(control.config)]
+    procs = [
+        subprocess.Popen(
+            cmd, env=control.env(), cwd=control.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    codes = [p.wait(timeout=60) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    pid = control.pid()
+    control.pids.add(pid)
+    assert sorted(codes) == [0, 1, 1], codes
+    assert control.is_ours(pid)
+    ours = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and control.is_ours(int(p.name))
+        and str(control.config) in cmdline_of(int(p.name))
+    ]
+    assert ours == [pid], "more than one process launched"
+    assert control.run("stop").returncode == 0
+
+
 def test_restart_gives_new_pid(control):
     old = start_ok(control)
     result = control.run("restart", str(control.config))
