@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""rpc_proxy demo: one real Thrift call through the proxy, end to end.
+"""rpc_proxy demo: real Thrift calls through the whole mesh, end to end.
 
-Starts a throwaway ZooKeeper, the Python echo backend (tests/e2e/echo_server.py), registers
-the backend under product `demo`, starts rpc_proxy with a generated config.ini, calls it
-with the generated Python client over the proxy's unix socket, then stops everything
-(the proxy with SIGTERM). Exits 0 when every step worked, 1 otherwise.
+Starts a throwaway ZooKeeper, `rpc_lb` for service `echo` with three Python worker
+processes (rpc_thrift.RpcWorker running the generated Echo processor), which registers
+itself in ZooKeeper under product `demo`; starts `rpc_proxy`; calls it with the generated
+Python client over the proxy's unix socket; then stops everything gracefully (workers, LB
+and proxy with SIGTERM, each exit code checked). Exits 0 when every step worked, 1 otherwise.
 
-Usage: demo/demo.py [--proxy-bin PATH] [--keep]   (scripts/demo.sh builds first)
+Usage: demo/demo.py [--proxy-bin PATH] [--lb-bin PATH] [--keep]   (scripts/demo.sh builds first)
 """
 
 import argparse
@@ -33,9 +34,10 @@ def expect(shown, got, want):
         raise RuntimeError(f"{shown}: expected {want!r}, got {got!r}")
 
 
-def run(proxy_bin, base):
+def run(proxy_bin, lb_bin, base):
     zk = harness.ZooKeeperServer(base / "zk")
-    backend = kz = proxy = None
+    lb = kz = proxy = None
+    workers = []
     try:
         step("starting ZooKeeper")
         zk.start()
@@ -44,11 +46,19 @@ def run(proxy_bin, base):
         step("generating the Python code of idl/echo.thrift")
         idl = harness.generate_echo(base / "gen-py")
 
-        step("starting the echo backend and registering it")
-        backend = harness.Backend(idl.gen_dir, "demo-backend", base).start()
+        step("starting rpc_lb for service `echo` and three Python workers")
+        lb_dir = base / "lb"
+        lb_dir.mkdir()
+        lb = harness.Lb(lb_bin, lb_dir, {"zk": zk.address, "product": PRODUCT, "service": "echo"})
+        lb.start()
+        print(f"rpc_lb (pid {lb.pid}) front {lb.frontend}, workers dial {lb.back_address}")
+        for i in range(3):
+            worker = harness.Worker(idl.gen_dir, lb.back_address, f"worker-{i}", base, pool_size=2)
+            workers.append(worker.start())
         kz = harness.kazoo_client(zk.address)
-        node = backend.register(kz, PRODUCT, "echo")
-        print(f"backend {backend.address} registered at {node}")
+        node = lb.node_path(PRODUCT)
+        harness.wait_until(lambda: kz.exists(node), 30, "the LB registers in ZooKeeper")
+        print(f"registered: {node} = {kz.get(node)[0].decode()}")
 
         step("starting rpc_proxy")
         proxy_dir = base / "proxy"
@@ -62,45 +72,60 @@ def run(proxy_bin, base):
         proxy.start()
         print(f"rpc_proxy (pid {proxy.pid}) listening on {proxy.address}")
 
-        step("calling service `echo` through the proxy")
+        step("calling service `echo` through proxy -> LB -> workers")
         with harness.EchoConnection(idl, proxy.address, service="echo") as conn:
             expect('echo("hello")', conn.echo("hello"), "hello")
             expect("add(2, 3)", conn.add(2, 3), 5)
-            expect("whoami()", conn.whoami(), "demo-backend")
+            served = sorted({conn.whoami() for _ in range(30)})
+            print(f"whoami() x 30 answered by {served}")
+            try:
+                conn.fail("declared")
+            except idl.EchoError as exc:
+                print(f"fail('declared') -> EchoError(message={exc.message!r}, code={exc.code})")
 
-        step("stopping rpc_proxy with SIGTERM")
-        code = proxy.stop(signal.SIGTERM, timeout=15)
-        print(f"rpc_proxy exited with code {code}")
-        if code != 0:
-            raise RuntimeError(f"rpc_proxy exit code {code}, want 0")
+        step("stopping: workers, then the LB, then the proxy (SIGTERM each)")
+        for worker in workers:
+            code = worker.stop(signal.SIGTERM)
+            print(f"worker {worker.name} exited with code {code}")
+            if code != 0:
+                raise RuntimeError(f"worker {worker.name} exit code {code}, want 0")
+        for name, proc in (("rpc_lb", lb), ("rpc_proxy", proxy)):
+            code = proc.stop(signal.SIGTERM, timeout=30)
+            print(f"{name} exited with code {code}")
+            if code != 0:
+                raise RuntimeError(f"{name} exit code {code}, want 0")
         return 0
     except Exception as exc:  # noqa: BLE001 - any failure ends the demo with code 1
         print(f"demo failed: {exc}", file=sys.stderr)
-        if proxy is not None and proxy.proc is not None:
-            print(proxy.output(), file=sys.stderr)
+        for proc in (lb, proxy):
+            if proc is not None and proc.proc is not None:
+                print(proc.output(), file=sys.stderr)
         return 1
     finally:
-        if proxy is not None:
-            proxy.kill()
+        for proc in (proxy, lb):
+            if proc is not None:
+                proc.kill()
+        for worker in workers:
+            worker.kill()
         if kz is not None:
             kz.stop()
             kz.close()
-        if backend is not None:
-            backend.kill()
         zk.kill()
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="rpc_proxy demo: one call, end to end")
+    parser = argparse.ArgumentParser(description="rpc_proxy demo: the whole mesh, end to end")
     parser.add_argument("--proxy-bin", type=Path, default=harness.proxy_bin())
+    parser.add_argument("--lb-bin", type=Path, default=harness.lb_bin())
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
-    if not args.proxy_bin.exists():
-        print(f"rpc_proxy not found: {args.proxy_bin} (cargo build -p rpc-proxy)", file=sys.stderr)
-        return 1
+    for binary in (args.proxy_bin, args.lb_bin):
+        if not binary.exists():
+            print(f"{binary} not found (cargo build --workspace --bins)", file=sys.stderr)
+            return 1
     base = harness.short_tempdir("rpdemo-")
     try:
-        code = run(args.proxy_bin, base)
+        code = run(args.proxy_bin, args.lb_bin, base)
     finally:
         if args.keep:
             print(f"scratch directory kept: {base}")

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Builds rpc_proxy, then runs demo/demo.py: a throwaway ZooKeeper, the Python echo backend,
-# rpc_proxy, and one real Thrift call through the proxy's unix socket.
-# Needs: cargo, java + the Debian `zookeeper` package, the `thrift` compiler, and Python with
-# the `thrift` and `kazoo` packages. Exits non-zero when any step fails.
+# The demo: installs what is missing (scripts/setup.sh), builds rpc_proxy, rpc_lb and the
+# rpc_thrift worker package, then runs demo/demo.py: a throwaway ZooKeeper, rpc_lb with three
+# Python workers, rpc_proxy, and real Thrift calls from a generated client through the proxy's
+# unix socket; everything is stopped gracefully. Exits non-zero when any step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -p rpc-proxy
+scripts/setup.sh
+cargo build --workspace --bins
+if ! "${PYTHON:-python3}" -c 'import rpc_thrift' >/dev/null 2>&1; then
+    echo "demo: pip install ./worker-py"
+    "${PYTHON:-python3}" -m pip install -q --disable-pip-version-check ./worker-py
+fi
 export RPC_PROXY_BIN="${RPC_PROXY_BIN:-$PWD/target/debug/rpc_proxy}"
+export RPC_LB_BIN="${RPC_LB_BIN:-$PWD/target/debug/rpc_lb}"
 exec "${PYTHON:-python3}" demo/demo.py "$@"

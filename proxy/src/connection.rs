@@ -35,6 +35,8 @@ pub struct ConnectionSettings {
     pub startup_hold: Duration,
     /// Close a connection with nothing in flight and no frame for this long.
     pub idle_timeout: Option<Duration>,
+    /// Cancelled when the drain grace is over: calls still waiting get code 6 at once.
+    pub abort: CancellationToken,
 }
 
 /// A reply slot: resolves to the bytes to write, or `None` (ONEWAY).
@@ -235,7 +237,7 @@ where
         Box::pin(call(
             self.router.clone(),
             message,
-            self.settings.startup_hold,
+            self.settings.clone(),
         ))
     }
 }
@@ -285,11 +287,7 @@ fn legacy_name_and_seqid(frame: &[u8]) -> Option<(String, i32)> {
 
 /// Routes one call and waits for its reply. Returns the bytes for the client (a reply or a
 /// `TApplicationException`), or `None` for ONEWAY.
-async fn call(
-    router: Arc<Router>,
-    mut message: Message,
-    startup_hold: Duration,
-) -> Option<BytesMut> {
+async fn call(router: Arc<Router>, mut message: Message, settings: Arc<ConnectionSettings>) -> Option<BytesMut> {
     let oneway = message.message_type() == MessageType::Oneway;
     let client_seqid = message.seqid();
     let name = message.name().to_owned();
@@ -304,7 +302,7 @@ async fn call(
         }
     };
     if !router.is_synced() {
-        router.wait_synced(startup_hold).await;
+        router.wait_synced(settings.startup_hold).await;
     }
     let entry = match router.lookup(service) {
         Lookup::Found(entry) => entry,
@@ -363,7 +361,12 @@ async fn call(
             endpoint: endpoint.label().to_owned(),
             cause,
         };
-        match rx.await {
+        let answer = tokio::select! {
+            biased;
+            answer = rx => answer,
+            _ = settings.abort.cancelled() => return fail(upstream(UpstreamFailure::Stopping)),
+        };
+        match answer {
             Ok(Ok(reply)) => return Some(reply.into_wire()),
             Ok(Err(Failure::NotSent(back))) => {
                 message = back;

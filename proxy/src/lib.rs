@@ -12,7 +12,8 @@
 //!
 //! # Shutdown order
 //! On the shutdown token: stop accepting and remove the socket file; every connection stops
-//! reading new calls and finishes the ones in flight; wait for them at most `drain_grace`;
+//! reading new calls and finishes the ones in flight; wait for them at most `drain_grace`,
+//! then answer the calls still open with code 6;
 //! stop discovery; return.
 
 pub mod connection;
@@ -95,6 +96,7 @@ pub async fn run_with_discovery(
         max_inflight: config.max_inflight_per_connection,
         startup_hold: config.startup_hold,
         idle_timeout: config.client_idle_timeout,
+        abort: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -114,8 +116,10 @@ pub async fn run_with_discovery(
     {
         tracing::warn!(
             left = tracker.len(),
-            "drain grace period over, closing remaining connections"
+            "drain grace period over, failing the calls still open with code 6"
         );
+        settings.abort.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tracker.wait()).await;
     }
     applier.abort();
 }

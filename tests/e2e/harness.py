@@ -685,3 +685,93 @@ def connection_refused(address):
             exc, (FileNotFoundError, ConnectionRefusedError)
         )
     return False
+
+
+# === rpc_lb and rpc_thrift workers ===
+
+DEFAULT_LB_BIN = REPO_ROOT / "target" / "debug" / "rpc_lb"
+ECHO_WORKER = REPO_ROOT / "worker-py" / "tests" / "echo_worker.py"
+
+
+def lb_bin():
+    return Path(os.environ.get("RPC_LB_BIN", DEFAULT_LB_BIN))
+
+
+class Lb(Proxy):
+    """rpc_lb started with `-c <workdir>/config.ini -L <workdir>/lb.log`; the front listens
+    on 127.0.0.1:<free port>, the back on `<workdir>/back.sock`."""
+
+    def __init__(self, binary, workdir, settings, args=None, log_level="info"):
+        workdir = Path(workdir)
+        settings = dict(settings)
+        settings.setdefault("front_host", "127.0.0.1")
+        settings.setdefault("front_port", str(free_port()))
+        settings.setdefault("back_address", str(workdir / "back.sock"))
+        settings["proxy_address"] = f"{settings['front_host']}:{settings['front_port']}"
+        super().__init__(binary, workdir, settings, args=args, log_level=log_level)
+        self.log_base = self.workdir / "lb.log"
+        if args is None:
+            self.args = ["-L", str(self.log_base), "--log-level", log_level]
+        self.back_address = settings["back_address"]
+
+    def start(self, wait=True, timeout=20):
+        write_config(
+            self.config_path,
+            {k: v for k, v in self.settings.items() if k != "proxy_address"},
+        )
+        cmd = [str(self.binary), "-c", str(self.config_path), *self.args]
+        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=self.workdir
+            )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    @property
+    def frontend(self):
+        return self.address
+
+    def node_path(self, product, service="echo"):
+        return endpoint_path(product, service, self.frontend)
+
+
+class Worker:
+    """worker-py/tests/echo_worker.py (rpc_thrift.RpcWorker) in a subprocess."""
+
+    def __init__(self, gen_dir, address, name, workdir, pool_size=1):
+        self.gen_dir, self.address, self.name = Path(gen_dir), address, name
+        self.pool_size = pool_size
+        self.log_path = Path(workdir) / f"worker-{name}.log"
+        self.proc = None
+
+    def start(self):
+        env = dict(os.environ, PYTHONPATH=str(self.gen_dir))
+        cmd = [sys.executable, str(ECHO_WORKER), self.address, "--name", self.name]
+        cmd += ["--pool-size", str(self.pool_size)]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        return _read(self.log_path)
+
+    def stop(self, sig=signal.SIGTERM, timeout=25):
+        """Sends `sig` and returns the exit code (None if it did not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

@@ -31,8 +31,9 @@ pub mod exit {
     pub const CONFIG: u8 = 78;
 }
 
-/// Returns a token cancelled on the first SIGTERM or SIGINT. A second signal of either kind
-/// exits the process at once with code 1 (an operator who insists).
+/// Returns a token cancelled on the first SIGTERM or SIGINT. After that, a SIGINT exits the
+/// process at once with code 1 (an operator pressing Ctrl-C twice); further SIGTERMs are
+/// logged and ignored, so a supervisor that repeats SIGTERM never cuts a drain short.
 ///
 /// Must be called inside a tokio runtime.
 ///
@@ -51,12 +52,15 @@ pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
         };
         tracing::info!(signal = name, "graceful stop requested");
         cancel.cancel();
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+        loop {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM again: already stopping"),
+                _ = int.recv() => {
+                    tracing::warn!("second SIGINT: exiting at once");
+                    std::process::exit(i32::from(exit::FAILURE));
+                }
+            }
         }
-        tracing::warn!("second signal: exiting at once");
-        std::process::exit(i32::from(exit::FAILURE));
     });
     Ok(token)
 }
