@@ -234,11 +234,7 @@ where
                 error_frame(method, seqid, &error)
             }));
         }
-        Box::pin(call(
-            self.router.clone(),
-            message,
-            self.settings.clone(),
-        ))
+        Box::pin(call(self.router.clone(), message, self.settings.clone()))
     }
 }
 
@@ -287,7 +283,11 @@ fn legacy_name_and_seqid(frame: &[u8]) -> Option<(String, i32)> {
 
 /// Routes one call and waits for its reply. Returns the bytes for the client (a reply or a
 /// `TApplicationException`), or `None` for ONEWAY.
-async fn call(router: Arc<Router>, mut message: Message, settings: Arc<ConnectionSettings>) -> Option<BytesMut> {
+async fn call(
+    router: Arc<Router>,
+    mut message: Message,
+    settings: Arc<ConnectionSettings>,
+) -> Option<BytesMut> {
     let oneway = message.message_type() == MessageType::Oneway;
     let client_seqid = message.seqid();
     let name = message.name().to_owned();
