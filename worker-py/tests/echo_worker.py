@@ -33,6 +33,7 @@ class Handler:
         return a + b
 
     def slow(self, ms: int, s: str) -> str:
+        logging.getLogger("echo").info("SLOW-START %s", s)
         deadline = time.monotonic() + ms / 1000
         if s.startswith("spin"):
             n = 0
