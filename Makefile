@@ -7,11 +7,16 @@
 #   make check      formatting and lints only
 #   make ops-test   control scripts, systemd units and install (tests/ops; needs the debug
 #                   binaries: cargo build --workspace --bins)
+#   make fuzz       libFuzzer on the frame/header codec for FUZZ_SECONDS (default 60) from
+#                   the kept seed corpus fuzz/corpus/frame (nightly + cargo-fuzz, installed
+#                   if missing); new inputs that found coverage are kept in the corpus
 
 PREFIX ?= /usr/local/rpc_proxy
 PYTHON ?= python3
 
-.PHONY: build test demo install check ops-test
+.PHONY: build test demo install check ops-test fuzz
+
+FUZZ_SECONDS ?= 60
 
 build:
 	cargo build --workspace --release --bins
@@ -33,3 +38,7 @@ check:
 
 ops-test:
 	$(PYTHON) -m pytest -q tests/ops
+
+fuzz:
+	command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	cd fuzz && cargo +nightly fuzz run frame corpus/frame -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096

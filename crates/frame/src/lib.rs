@@ -529,6 +529,45 @@ impl Hello {
     }
 }
 
+/// Runs every decoder of this crate over arbitrary bytes and checks the invariants that must
+/// hold for any input (the body of the `cargo fuzz` target in `fuzz/`, and of the corpus test
+/// that keeps it honest on stable Rust). Panics only when an invariant breaks.
+#[doc(hidden)]
+pub fn exercise(data: &[u8]) {
+    const MAX: usize = 1 << 16;
+    let mut buf = BytesMut::from(data);
+    loop {
+        let before = buf.len();
+        let frame = match decode_frame(&mut buf, MAX) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                assert_eq!(buf.len(), before, "an incomplete frame consumes nothing");
+                return;
+            }
+            Err(_) => return,
+        };
+        assert_eq!(frame.len(), before - buf.len(), "the frame is cut off the front");
+        let Ok(mut message) = Message::parse(frame) else { continue };
+        let (kind, seqid, body) = (message.message_type(), message.seqid(), message.body().to_vec());
+        let method = message.method().to_owned();
+        let _ = parse_application_exception(message.body());
+        let _ = Hello::decode(message.body());
+        message.strip_service();
+        message.set_seqid(seqid.wrapping_add(1));
+        let mut wire = BytesMut::from(message.as_wire());
+        let again = decode_frame(&mut wire, usize::MAX)
+            .ok()
+            .flatten()
+            .and_then(|f| Message::parse(f).ok())
+            .expect("a rewritten message is a valid frame");
+        assert!(wire.is_empty());
+        assert_eq!(again.message_type(), kind);
+        assert_eq!(again.name(), method);
+        assert_eq!(again.seqid(), seqid.wrapping_add(1));
+        assert_eq!(again.body(), &body[..]);
+    }
+}
+
 /// A cursor over Thrift binary-encoded bytes; every read returns `None` past the end.
 struct Reader<'a> {
     /// The bytes not read yet.
