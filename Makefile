@@ -9,7 +9,8 @@
 #                   binaries: cargo build --workspace --bins)
 #   make fuzz       libFuzzer on the frame/header codec for FUZZ_SECONDS (default 60) from
 #                   the kept seed corpus fuzz/corpus/frame (nightly + cargo-fuzz, installed
-#                   if missing); new inputs that found coverage are kept in the corpus
+#                   if missing); new inputs go to fuzz/corpus-scratch (not kept), crashes to
+#                   fuzz/artifacts
 
 PREFIX ?= /usr/local/rpc_proxy
 PYTHON ?= python3
@@ -41,4 +42,5 @@ ops-test:
 
 fuzz:
 	command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
-	cd fuzz && cargo +nightly fuzz run frame corpus/frame -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
+	mkdir -p fuzz/corpus-scratch
+	cd fuzz && cargo +nightly fuzz run frame corpus-scratch corpus/frame -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
