@@ -70,6 +70,7 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
     let zk = ZkSettings {
         servers: config.common.zk.clone(),
         session_timeout: config.common.zk_session_timeout,
+        auth: config.common.zk_auth.clone(),
     };
     let registrar = Registrar::spawn(zk, config.common.product.clone(), info);
     let dispatcher = Arc::new(Dispatcher::new(config.max_queue));

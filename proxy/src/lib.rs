@@ -61,6 +61,7 @@ pub async fn run(config: ProxyConfig, listener: Listener, shutdown: Cancellation
     let settings = ZkSettings {
         servers: config.common.zk.clone(),
         session_timeout: config.common.zk_session_timeout,
+        auth: config.common.zk_auth.clone(),
     };
     let discovery_stop = CancellationToken::new();
     let discovery = tokio::spawn(rpc_registry::run_discovery(

@@ -18,6 +18,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "status_interval_ms",
     "admin_address",
     "socket_mode",
+    "zk_auth",
+    "zk_auth_file",
     // Proxy and LB.
     "request_timeout_ms",
     "drain_grace_ms",

@@ -124,6 +124,10 @@ pub struct CommonConfig {
     pub status_interval: Option<Duration>,
     /// `admin_address` (off): `host:port` of the admin HTTP endpoint.
     pub admin_address: Option<String>,
+    /// `zk_auth` (`user:password`) or the first line of the file `zk_auth_file` (NEW, off):
+    /// ZooKeeper digest credential. The LB then creates its nodes readable by anyone and
+    /// writable only by holders of the credential.
+    pub zk_auth: Option<String>,
     /// `socket_mode` (`0660`, octal): permissions of unix sockets created.
     pub socket_mode: u32,
 }
@@ -291,8 +295,33 @@ impl CommonConfig {
             status_interval: values
                 .optional_millis("status_interval_ms", DEFAULT_STATUS_INTERVAL_MS)?,
             admin_address: values.host_port("admin_address")?,
+            zk_auth: zk_auth(values)?,
             socket_mode: values.octal_mode("socket_mode", DEFAULT_SOCKET_MODE)?,
         })
+    }
+}
+
+/// `zk_auth`, else the first non-empty line of the file named by `zk_auth_file`; either
+/// must read `user:password` with a non-empty user.
+fn zk_auth(values: &Values) -> Result<Option<String>, ConfigError> {
+    let (key, text) = match (values.text("zk_auth"), values.text("zk_auth_file")) {
+        (Some(text), _) => ("zk_auth", text),
+        (None, Some(path)) => {
+            let content = std::fs::read_to_string(&path)
+                .map_err(|e| invalid("zk_auth_file", &path, format!("cannot read it: {e}")))?;
+            let line = content
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("");
+            ("zk_auth_file", line.to_owned())
+        }
+        (None, None) => return Ok(None),
+    };
+    match text.split_once(':') {
+        Some((user, _)) if !user.is_empty() => Ok(Some(text)),
+        // The credential itself is never echoed into logs or errors.
+        _ => Err(invalid(key, "<hidden>", "expected user:password")),
     }
 }
 
@@ -457,6 +486,7 @@ mod tests {
                 log_format: LogFormat::Text,
                 status_interval: Some(ms(10_000)),
                 admin_address: None,
+                zk_auth: None,
                 socket_mode: 0o660,
             },
             proxy_address: Address::Unix("/tmp/proxy.sock".into()),
@@ -938,5 +968,30 @@ max_queue = 99
         LbConfig::from_values(&values).unwrap();
         let known: BTreeSet<&str> = KNOWN_KEYS.iter().copied().collect();
         assert_eq!(values.read_keys(), known);
+    }
+
+    #[test]
+    fn zk_auth_from_value_or_file_and_never_echoed() {
+        let (c, _) = ProxyConfig::parse(&format!("{PROXY_MIN}zk_auth=lb:s3cr#t\n")).unwrap();
+        assert_eq!(c.common.zk_auth.as_deref(), Some("lb:s3cr#t"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("auth");
+        std::fs::write(&file, "\n  ops:pw  \n").unwrap();
+        let text = format!("{PROXY_MIN}zk_auth_file={}\n", file.display());
+        let (c, _) = ProxyConfig::parse(&text).unwrap();
+        assert_eq!(c.common.zk_auth.as_deref(), Some("ops:pw"));
+        let err = ProxyConfig::parse(&format!("{PROXY_MIN}zk_auth=nopassword\n")).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("zk_auth") && !message.contains("nopassword"),
+            "{message}"
+        );
+        let missing = format!("{PROXY_MIN}zk_auth_file=/nonexistent/auth\n");
+        assert!(
+            ProxyConfig::parse(&missing)
+                .unwrap_err()
+                .to_string()
+                .contains("zk_auth_file")
+        );
     }
 }

@@ -30,6 +30,10 @@ pub struct ZkSettings {
     pub servers: String,
     /// Requested session timeout (`zk_session_timeout`); the server may clamp it.
     pub session_timeout: Duration,
+    /// Digest credential `user:password` (`zk_auth`). When set, the session authenticates
+    /// and the nodes a [`Registration`] creates are readable by anyone and writable only by
+    /// sessions holding the same credential.
+    pub auth: Option<String>,
 }
 
 /// ZooKeeper session state, as reported to logs and metrics.

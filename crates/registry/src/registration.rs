@@ -58,7 +58,7 @@ impl Registration {
                     servers: settings.servers.clone(),
                     source,
                 })?;
-        create_node(&client, &product, &info.service, &path, &data).await?;
+        create_node(&client, &settings, &product, &info.service, &path, &data).await?;
         info!(%path, session = %client.session_id(), "registered");
         let registered = Arc::new(AtomicBool::new(true));
         let cancel = CancellationToken::new();
@@ -186,6 +186,7 @@ impl Keeper {
                 })?;
                 create_node(
                     &client,
+                    &self.settings,
                     &self.product,
                     &self.service,
                     &self.path,
@@ -226,13 +227,15 @@ async fn wait_terminal(client: &zk::Client) {
 /// Makes the parents (persistent), deletes a stale node, and creates the ephemeral node.
 async fn create_node(
     client: &zk::Client,
+    settings: &ZkSettings,
     product: &str,
     service: &str,
     path: &str,
     data: &[u8],
 ) -> Result<(), RegistryError> {
     let parent = service_path(product, service);
-    let dir = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    let acls = session::acls(settings);
+    let dir = zk::CreateMode::Persistent.with_acls(acls);
     client
         .mkdir(&parent, &dir)
         .await
@@ -241,7 +244,7 @@ async fn create_node(
             path: parent.clone(),
             source,
         })?;
-    let node = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    let node = zk::CreateMode::Ephemeral.with_acls(acls);
     let mut attempt = 0;
     loop {
         attempt += 1;

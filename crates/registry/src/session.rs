@@ -16,11 +16,28 @@ use crate::ZkSettings;
 /// for a whole session timeout: callers retry with [`Backoff`], and a dead ZooKeeper must not
 /// hold up their shutdown or their first error.
 pub(crate) async fn connect(settings: &ZkSettings) -> Result<zk::Client, zk::Error> {
-    zk::Client::connector()
+    let mut connector = zk::Client::connector()
         .with_session_timeout(settings.session_timeout)
-        .with_fail_eagerly()
-        .connect(&settings.servers)
-        .await
+        .with_fail_eagerly();
+    if let Some(auth) = &settings.auth {
+        connector = connector.with_auth("digest", auth.as_bytes());
+    }
+    connector.connect(&settings.servers).await
+}
+
+/// ACLs of nodes a registration creates: open to all without a credential; with one, anyone
+/// reads (proxies discover without credentials) and only the credential's holders write,
+/// create children and delete.
+pub(crate) fn acls(settings: &ZkSettings) -> zk::Acls<'static> {
+    static PROTECTED: [zk::Acl; 2] = [
+        zk::Acl::new_const(zk::Permission::ALL, "auth", ""),
+        zk::Acl::new_const(zk::Permission::READ, "world", "anyone"),
+    ];
+    if settings.auth.is_some() {
+        zk::Acls::new(&PROTECTED)
+    } else {
+        zk::Acls::anyone_all()
+    }
 }
 
 /// Whether a session in this state can never serve requests again.

@@ -26,6 +26,7 @@ pub fn settings(servers: &str, session_timeout: Duration) -> ZkSettings {
     ZkSettings {
         servers: servers.to_owned(),
         session_timeout,
+        auth: None,
     }
 }
 
