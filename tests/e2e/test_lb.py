@@ -57,6 +57,14 @@ class Mesh:
             lambda: self.node_exists(lb), timeout, lambda: f"LB node appears\n{lb.output()}"
         )
 
+    def wait_workers(self, lb, count, timeout=30):
+        """Waits until `count` workers have said HELLO to `lb` (each joined its rotation)."""
+
+        def hellos():
+            return sum(harness._read(p).count("worker hello") for p in lb.log_files()) >= count
+
+        harness.wait_until(hellos, timeout, lambda: f"{count} workers joined\n{lb.output()}")
+
     def close(self):
         for worker in self.workers:
             worker.kill()
@@ -127,6 +135,7 @@ class Load:
 def full_stack(mesh, proxies, workers=3, pool_size=1, **lb_settings):
     lb = mesh.lb(**lb_settings)
     started = [mesh.worker(lb, f"w{i}", pool_size=pool_size) for i in range(workers)]
+    mesh.wait_workers(lb, workers)
     mesh.wait_registered(lb)
     proxy = proxies.start()
     return lb, started, proxy
@@ -233,6 +242,7 @@ def test_lb_sigterm_under_load_fails_no_call_and_node_goes_first(mesh, proxies, 
     for lb, prefix in ((lb_a, "a"), (lb_b, "b")):
         mesh.worker(lb, f"{prefix}0", pool_size=2)
         mesh.worker(lb, f"{prefix}1", pool_size=2)
+        mesh.wait_workers(lb, 2)
         mesh.wait_registered(lb)
     proxy = proxies.start()
     load = Load(clients, proxy.address, threads=8).start()
