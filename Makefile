@@ -7,6 +7,9 @@
 #   make check      formatting and lints only
 #   make ops-test   control scripts, systemd units and install (tests/ops; needs the debug
 #                   binaries: cargo build --workspace --bins)
+#   make bench      benchmarks (bench/README.md): release build, every scenario, several
+#                   rounds; writes bench/results/latest.md and latest.json (about 15 min)
+#   make bench-smoke  one tiny round of every benchmark scenario (bench/smoke.sh)
 #   make fuzz       libFuzzer on the frame/header codec for FUZZ_SECONDS (default 60) from
 #                   the kept seed corpus fuzz/corpus/frame (nightly + cargo-fuzz, installed
 #                   if missing); new inputs go to fuzz/corpus-scratch (not kept), crashes to
@@ -15,7 +18,7 @@
 PREFIX ?= /usr/local/rpc_proxy
 PYTHON ?= python3
 
-.PHONY: build test demo install check ops-test fuzz
+.PHONY: build test demo install check ops-test bench bench-smoke fuzz
 
 FUZZ_SECONDS ?= 60
 
@@ -44,3 +47,12 @@ fuzz:
 	command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 	mkdir -p fuzz/corpus-scratch
 	cd fuzz && cargo +nightly fuzz run frame corpus-scratch corpus/frame -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
+
+bench:
+	cargo build --release -p rpc-bench -p rpc-proxy -p rpc-lb
+	$(PYTHON) -c 'import thrift, thriftpy2, rpc_thrift' 2>/dev/null || \
+		$(PYTHON) -m pip install -q --disable-pip-version-check thrift thriftpy2 ./worker-py
+	target/release/rpc-bench --no-build $(BENCH_ARGS)
+
+bench-smoke:
+	bench/smoke.sh

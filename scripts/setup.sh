@@ -22,8 +22,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import thrift, kazoo, pytest, pytest_timeout' >/dev/null 2>&1 || ! command -v ruff >/dev/null 2>&1; then
-    echo "setup: pip install thrift kazoo pytest pytest-timeout ruff"
-    "$PY" -m pip install -q --disable-pip-version-check thrift kazoo pytest pytest-timeout ruff
+if ! "$PY" -c 'import thrift, kazoo, pytest, pytest_timeout, thriftpy2' >/dev/null 2>&1 || ! command -v ruff >/dev/null 2>&1; then
+    echo "setup: pip install thrift kazoo thriftpy2 pytest pytest-timeout ruff"
+    "$PY" -m pip install -q --disable-pip-version-check thrift kazoo thriftpy2 pytest pytest-timeout ruff
 fi
 echo "setup: ok (thrift $(thrift --version | awk '{print $3}'), zookeeper $(dpkg-query -W -f='${Version}' zookeeper 2>/dev/null || echo '?'))"

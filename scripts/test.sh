@@ -27,6 +27,8 @@ python3 -m pip install -q --disable-pip-version-check ./worker-py
 (cd worker-py && python3 -m pytest -q tests)
 
 export RPC_PROXY_BIN="$PWD/target/debug/rpc_proxy" RPC_LB_BIN="$PWD/target/debug/rpc_lb"
+echo "== benchmark harness, smoke mode (checks every scenario yields numbers; asserts no timing)"
+bench/smoke.sh
 echo "== end-to-end (pytest)"
 python3 -m pytest -q tests/e2e
 echo "== operations (pytest)"

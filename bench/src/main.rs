@@ -1,0 +1,865 @@
+//! `rpc-bench`: side-by-side numbers for every hop of rpc_proxy, each against the baselines
+//! a user would pick instead, measured in the same run (this machine is small, shared and
+//! noisy, so every figure is a ratio or a CPU-per-call against a baseline of the same round).
+//!
+//! `rpc-bench` (or `make bench`) builds `rpc_proxy` and `rpc_lb`, starts a throwaway
+//! ZooKeeper and every system it drives, runs the scenarios interleaved for several rounds,
+//! stops everything and writes `bench/results/latest.md` and `latest.json`. `--smoke` runs
+//! one tiny round and fails when a scenario produced no numbers (it asserts no timing).
+//!
+//! # Layout
+//! - [`scenarios`]: the six scenarios and the systems they keep running.
+//! - [`load`]: the closed-loop load generator (connections, pipelining, histograms, CPU).
+//! - [`systems`]: starting `rpc_proxy`, `rpc_lb`, haproxy, Python servers, helpers.
+//! - [`echo`], [`forwarder`]: the Rust echo backend and the minimal frame forwarder (also
+//!   run as hidden subcommands of this binary).
+//! - [`procs`]: child processes, `/proc` readings (CPU, RSS), pinning, file limits.
+//! - [`zk`]: registering endpoints in ZooKeeper.
+//! - [`wire`]: the hand-encoded `echo(1: string s)` call.
+//! - [`report`]: medians and ranges, Markdown and JSON.
+
+mod echo;
+mod forwarder;
+mod load;
+mod procs;
+mod report;
+mod scenarios;
+mod systems;
+mod wire;
+mod zk;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::{Check, Fmt, Results, col};
+use crate::scenarios::{Bench, Settings};
+use crate::systems::Bins;
+
+/// Benchmarks of rpc_proxy against direct calls, a minimal forwarder, haproxy and the
+/// Python Thrift servers.
+#[derive(Debug, Parser)]
+#[command(name = "rpc-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Options of the benchmark run.
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// One tiny round; fail unless every scenario produced numbers (no timing asserted).
+    #[arg(long)]
+    smoke: bool,
+    /// Rounds of every scenario (default 5; 1 with --smoke).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Warm-up before each window, ms (default 1000; 150 with --smoke).
+    #[arg(long)]
+    warmup_ms: Option<u64>,
+    /// Measuring window, ms (default 2000; 300 with --smoke).
+    #[arg(long)]
+    window_ms: Option<u64>,
+    /// Idle client connections of scenario 5 (default 10000; 300 with --smoke).
+    #[arg(long)]
+    idle_connections: Option<usize>,
+    /// Services (x 4 endpoints) of scenario 6 (default 1000; 40 with --smoke).
+    #[arg(long)]
+    services: Option<usize>,
+    /// Scenarios to run, e.g. `1,3` (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u8>,
+    /// Where latest.md and latest.json go (default bench/results; with --smoke
+    /// target/rpc-bench-smoke).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Directory holding rpc_proxy and rpc_lb (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Do not run `cargo build` for rpc_proxy and rpc_lb first.
+    #[arg(long)]
+    no_build: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the echo backend on unix sockets (used by the harness).
+    #[command(hide = true)]
+    EchoServer {
+        /// Socket to listen on (repeatable).
+        #[arg(long, required = true)]
+        unix: Vec<PathBuf>,
+    },
+    /// Run the minimal frame forwarder (used by the harness).
+    #[command(hide = true)]
+    Forwarder {
+        /// Socket to listen on.
+        #[arg(long)]
+        listen: PathBuf,
+        /// Socket to forward to.
+        #[arg(long)]
+        upstream: PathBuf,
+    },
+    /// Drive load at a unix socket and print calls/s, latency and CPU per call.
+    Load {
+        /// The socket to call.
+        #[arg(long)]
+        unix: PathBuf,
+        /// Client connections.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Calls in flight per connection.
+        #[arg(long, default_value_t = 1)]
+        depth: usize,
+        /// Message name.
+        #[arg(long, default_value = "echo:echo")]
+        name: String,
+        /// Bytes of the string argument.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Warm-up, ms.
+        #[arg(long, default_value_t = 1000)]
+        warmup_ms: u64,
+        /// Window, ms.
+        #[arg(long, default_value_t = 5000)]
+        window_ms: u64,
+        /// Process (group) ids whose CPU per call to report.
+        #[arg(long)]
+        pid: Vec<u32>,
+    },
+    /// Start ZooKeeper, the echo backend, rpc_proxy, rpc_lb and workers, print their
+    /// sockets and pids, and wait for Ctrl-C (for profiling with `load`).
+    Up {
+        /// Directory holding rpc_proxy and rpc_lb (default: next to this binary).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Cmd::EchoServer { unix }) => serve_echo(unix),
+        Some(Cmd::Forwarder { listen, upstream }) => serve_forwarder(listen, upstream),
+        Some(Cmd::Load {
+            unix,
+            connections,
+            depth,
+            name,
+            payload,
+            warmup_ms,
+            window_ms,
+            pid,
+        }) => {
+            let load = load::Load {
+                socket: unix,
+                connections,
+                depth,
+                name,
+                payload,
+            };
+            let window = load::Window {
+                warmup: Duration::from_millis(warmup_ms),
+                window: Duration::from_millis(window_ms),
+            };
+            runtime().and_then(|rt| rt.block_on(run_load(load, window, pid)))
+        }
+        Some(Cmd::Up { bin_dir }) => up(bin_dir),
+        None => bench(cli.run),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rpc-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio runtime")
+}
+
+fn serve_echo(sockets: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let stats = std::sync::Arc::new(echo::Stats::default());
+        let mut tasks = Vec::new();
+        for path in &sockets {
+            let listener = echo::bind(path).with_context(|| format!("bind {path:?}"))?;
+            tasks.push(tokio::spawn(echo::serve(listener, stats.clone())));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn serve_forwarder(listen: PathBuf, upstream: PathBuf) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let listener = echo::bind(&listen).with_context(|| format!("bind {listen:?}"))?;
+        forwarder::serve(listener, upstream).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn run_load(
+    load: load::Load,
+    window: load::Window,
+    pids: Vec<u32>,
+) -> anyhow::Result<ExitCode> {
+    procs::raise_nofile(200_000);
+    let watched: Vec<load::Watched> = pids
+        .iter()
+        .map(|p| load::Watched {
+            label: p.to_string(),
+            pgid: *p,
+        })
+        .collect();
+    let o = load::run(&load, window, &watched).await?;
+    println!(
+        "{:.0} calls/s  p50 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  errors {}  served {}/{}  client CPU {:.2} us/call",
+        o.rate(),
+        o.percentile_us(0.5),
+        o.percentile_us(0.99),
+        o.percentile_us(0.999),
+        o.errors,
+        o.served(),
+        o.per_connection.len(),
+        o.client_cpu * 1e6 / o.calls.max(1) as f64,
+    );
+    for (w, cpu) in watched.iter().zip(&o.cpu) {
+        println!(
+            "pid {}: {:.2} us CPU per call ({:.2} CPU s)",
+            w.label,
+            cpu * 1e6 / o.calls.max(1) as f64,
+            cpu
+        );
+    }
+    if let Some(e) = o.first_error {
+        println!("first error: {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The repository root (this crate's parent directory).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Builds rpc_proxy and rpc_lb in this binary's profile, unless told not to.
+fn bins(bin_dir: Option<PathBuf>, build: bool) -> anyhow::Result<Bins> {
+    let repo = repo_root();
+    let me = std::env::current_exe().context("locate rpc-bench")?;
+    let release = !cfg!(debug_assertions);
+    if build && bin_dir.is_none() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&repo)
+            .args(["build", "-q", "-p", "rpc-proxy", "-p", "rpc-lb"]);
+        if release {
+            cmd.arg("--release");
+        }
+        eprintln!(
+            "rpc-bench: cargo build{} -p rpc-proxy -p rpc-lb",
+            if release { " --release" } else { "" }
+        );
+        let status = cmd.status().context("run cargo build")?;
+        if !status.success() {
+            bail!("cargo build of rpc_proxy and rpc_lb failed");
+        }
+    }
+    let dir = match bin_dir {
+        Some(d) => d,
+        None => me
+            .parent()
+            .map(Path::to_path_buf)
+            .context("rpc-bench has no parent directory")?,
+    };
+    let bins = Bins {
+        proxy: dir.join("rpc_proxy"),
+        lb: dir.join("rpc_lb"),
+        me,
+        python: std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned()),
+        repo,
+    };
+    for bin in [&bins.proxy, &bins.lb] {
+        if !bin.exists() {
+            bail!("{} not found (build it, or pass --bin-dir)", bin.display());
+        }
+    }
+    Ok(bins)
+}
+
+fn settings(args: &RunArgs) -> Settings {
+    let smoke = args.smoke;
+    let pick = |given: Option<u64>, full: u64, small: u64| {
+        given.unwrap_or(if smoke { small } else { full })
+    };
+    let only = if args.only.is_empty() {
+        (1..=6).collect()
+    } else {
+        args.only.clone()
+    };
+    Settings {
+        rounds: args.rounds.unwrap_or(if smoke { 1 } else { 5 }),
+        window: load::Window {
+            warmup: Duration::from_millis(pick(args.warmup_ms, 1000, 150)),
+            window: Duration::from_millis(pick(args.window_ms, 2000, 300)),
+        },
+        smoke,
+        idle_connections: args
+            .idle_connections
+            .unwrap_or(if smoke { 300 } else { 10_000 }),
+        services: args.services.unwrap_or(if smoke { 40 } else { 1000 }),
+        deletion_trials: if smoke { 2 } else { 5 },
+        only,
+    }
+}
+
+fn bench(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let settings = settings(&args);
+    let bins = bins(args.bin_dir.clone(), !args.no_build)?;
+    let nofile = procs::raise_nofile(200_000);
+    if nofile < settings.idle_connections as u64 + settings.services as u64 * 4 + 1000 {
+        eprintln!("rpc-bench: warning: open-file limit {nofile} is low for scenarios 5 and 6");
+    }
+    let out = args.out.clone().unwrap_or_else(|| {
+        if settings.smoke {
+            repo_root().join("target/rpc-bench-smoke")
+        } else {
+            repo_root().join("bench/results")
+        }
+    });
+    let stem = if settings.smoke { "smoke" } else { "latest" };
+    eprintln!("rpc-bench: starting ZooKeeper");
+    let zk = rpc_testkit::ZkServer::start();
+    let started = std::time::Instant::now();
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let rt = runtime()?;
+    let (results, missing) = rt.block_on(async {
+        let mut bench = Bench::new(settings.clone(), bins.clone(), zk.connect_string()).await?;
+        let started_ok = bench.start().await;
+        if let Err(e) = started_ok {
+            bench.stop();
+            return Err(e);
+        }
+        for round in 0..settings.rounds {
+            bench.round(round).await;
+        }
+        bench.stop();
+        let missing = bench.missing();
+        anyhow::Ok((std::mem::take(&mut bench.results), missing))
+    })?;
+    drop(zk);
+    let mut results = results;
+    results.finish();
+    results.checks = checks(&results);
+    fill_meta(
+        &mut results,
+        &settings,
+        &bins,
+        &load_before,
+        started.elapsed(),
+    );
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let md = markdown(&results, &settings, &missing);
+    let md_path = out.join(format!("{stem}.md"));
+    let json_path = out.join(format!("{stem}.json"));
+    std::fs::write(&md_path, &md)?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
+    if settings.smoke {
+        let points = results
+            .points
+            .iter()
+            .filter(|p| !p.samples.is_empty())
+            .count();
+        println!(
+            "rpc-bench: smoke: {points} points with numbers, {} missing",
+            missing.len()
+        );
+    } else {
+        println!("{md}");
+    }
+    eprintln!(
+        "rpc-bench: wrote {} and {} in {:.0} s",
+        md_path.display(),
+        json_path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if missing.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for m in &missing {
+            eprintln!("rpc-bench: MISSING {m}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn up(bin_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let bins = bins(bin_dir, false)?;
+    procs::raise_nofile(200_000);
+    let zk = rpc_testkit::ZkServer::start();
+    let settings = Settings {
+        rounds: 0,
+        window: load::Window {
+            warmup: Duration::ZERO,
+            window: Duration::ZERO,
+        },
+        smoke: false,
+        idle_connections: 0,
+        services: 0,
+        deletion_trials: 0,
+        only: vec![1, 3, 4],
+    };
+    runtime()?.block_on(async {
+        let mut bench = Bench::new(settings, bins, zk.connect_string()).await?;
+        bench.start().await?;
+        println!("zookeeper {}", zk.connect_string());
+        println!("{}", bench.describe());
+        println!("Ctrl-C stops everything.");
+        let _ = tokio::signal::ctrl_c().await;
+        bench.stop();
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+// === report ===
+
+fn fill_meta(
+    results: &mut Results,
+    settings: &Settings,
+    bins: &Bins,
+    load_before: &str,
+    elapsed: Duration,
+) {
+    use serde_json::json;
+    let cmd_out = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| {
+                let text = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let m = &mut results.meta;
+    m.insert(
+        "date".into(),
+        json!(chrono::Local::now().format("%Y-%m-%d %H:%M:%S").to_string()),
+    );
+    m.insert("smoke".into(), json!(settings.smoke));
+    m.insert("rounds".into(), json!(settings.rounds));
+    m.insert(
+        "warmup_ms".into(),
+        json!(settings.window.warmup.as_millis() as u64),
+    );
+    m.insert(
+        "window_ms".into(),
+        json!(settings.window.window.as_millis() as u64),
+    );
+    m.insert("idle_connections".into(), json!(settings.idle_connections));
+    m.insert("services".into(), json!(settings.services));
+    m.insert(
+        "cpus".into(),
+        json!(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0)
+        ),
+    );
+    m.insert("cpu_model".into(), json!(cpu_model));
+    m.insert("loadavg_before".into(), json!(load_before.trim()));
+    m.insert(
+        "loadavg_after".into(),
+        json!(
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+        ),
+    );
+    m.insert("elapsed_s".into(), json!(elapsed.as_secs()));
+    m.insert(
+        "profile".into(),
+        json!(if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }),
+    );
+    m.insert("rpc_proxy".into(), json!(bins.proxy.display().to_string()));
+    m.insert(
+        "git".into(),
+        json!(cmd_out(
+            "git",
+            &[
+                "-C",
+                &bins.repo.display().to_string(),
+                "describe",
+                "--always",
+                "--dirty"
+            ]
+        )),
+    );
+    m.insert("haproxy".into(), json!(cmd_out("haproxy", &["-v"])));
+    m.insert(
+        "python".into(),
+        json!(cmd_out(&bins.python, &["--version"])),
+    );
+    m.insert(
+        "python_thrift".into(),
+        json!(cmd_out(
+            &bins.python,
+            &[
+                "-c",
+                "import importlib.metadata as m; print(m.version('thrift'))"
+            ]
+        )),
+    );
+}
+
+/// Checks the issue's targets against the medians.
+fn checks(r: &Results) -> Vec<Check> {
+    use scenarios::names::*;
+    let mut out = Vec::new();
+    let med = |s: &str, c: &str, t: &str, m: &str| r.summary(s, c, t, m).map(|x| x.median);
+    let mut check = |scenario: &str, goal: &str, measured: Option<String>, met: Option<bool>| {
+        out.push(Check {
+            scenario: scenario.to_owned(),
+            goal: goal.to_owned(),
+            measured: measured.unwrap_or_else(|| "not measured".to_owned()),
+            met,
+        });
+    };
+    let c64 = "64 in flight";
+    let ratio = med("1", c64, PROXY, "ratio");
+    check(
+        "1",
+        "rpc_proxy at 64 in flight >= 0.55x direct",
+        ratio.map(|v| format!("{v:.2}x")),
+        ratio.map(|v| v >= 0.55),
+    );
+    let cpu = med("1", c64, PROXY, "hop_cpu_us");
+    check(
+        "1",
+        "rpc_proxy CPU per call at 64 in flight <= 7 us",
+        cpu.map(|v| format!("{v:.1} us")),
+        cpu.map(|v| v <= 7.0),
+    );
+    for hop in [HAPROXY, FORWARDER] {
+        let ratio = med("1", c64, hop, "ratio");
+        let cpu = med("1", c64, hop, "hop_cpu_us");
+        let measured = match (ratio, cpu) {
+            (Some(r), Some(c)) => Some(format!("{r:.2}x, {c:.1} us")),
+            _ => None,
+        };
+        check(
+            "1",
+            &format!("reference: {hop} about 0.41-0.43x and 13 us"),
+            measured,
+            None,
+        );
+    }
+    let added = med("1-pinned", PINNED_CASE, PROXY, "added_p50_us");
+    check(
+        "1",
+        "1 in flight pinned to one core: rpc_proxy adds <= 12 us (p50)",
+        added.map(|v| format!("{v:.1} us")),
+        added.map(|v| v <= 12.0),
+    );
+    let gbs = med("2", "4 MiB bodies, 2 conns", PROXY, "gb_per_s");
+    check(
+        "2",
+        "4 MiB bodies through rpc_proxy >= 1 GB/s",
+        gbs.map(|v| format!("{v:.2} GB/s")),
+        gbs.map(|v| v >= 1.0),
+    );
+    let c8 = "8 clients";
+    let vs = med("3", c8, PY_LB, "vs_pool_best");
+    check(
+        "3",
+        "LB + 2 workers at 8 clients >= 1.0x TProcessPoolServer(2) at its best",
+        vs.map(|v| format!("{v:.2}x")),
+        vs.map(|v| v >= 1.0),
+    );
+    let served = r.summary("3", c8, PY_LB, "served").map(|s| s.min);
+    check(
+        "3",
+        "LB + 2 workers: all 8 clients served",
+        served.map(|v| format!("{v:.0}/8 (worst round)")),
+        served.map(|v| v >= 8.0),
+    );
+    let p99 = med("3", c8, PY_LB, "p99_us");
+    check(
+        "3",
+        "LB + 2 workers at 8 clients: p99 <= 2 ms",
+        p99.map(|v| format!("{:.2} ms", v / 1e3)),
+        p99.map(|v| v <= 2000.0),
+    );
+    let case5 = r
+        .points
+        .iter()
+        .find(|p| p.scenario == "5" && p.target == PROXY)
+        .map(|p| p.case.clone());
+    let rss = case5
+        .as_deref()
+        .and_then(|c| med("5", c, PROXY, "rss_after_mib"));
+    check(
+        "5",
+        "rpc_proxy RSS with the idle connections <= 64 MB",
+        rss.map(|v| format!("{v:.1} MiB")),
+        rss.map(|v| v <= 64.0),
+    );
+    let table = med("6", "discovery", PROXY, "table_ms");
+    check(
+        "6",
+        "proxy start to full routing table <= 0.5 s",
+        table.map(|v| format!("{v:.0} ms")),
+        table.map(|v| v <= 500.0),
+    );
+    let del = med("6", "discovery", PROXY, "deletion_ms_median");
+    let del_max = r
+        .summary("6", "discovery", PROXY, "deletion_ms_max")
+        .map(|s| s.max);
+    check(
+        "6",
+        "endpoint node deleted to routing stopped <= 2 ms",
+        del.map(|v| {
+            format!(
+                "{v:.2} ms (worst trial {:.2} ms)",
+                del_max.unwrap_or(f64::NAN)
+            )
+        }),
+        del.map(|v| v <= 2.0),
+    );
+    let uncalled = r
+        .summary("6", "discovery", PROXY, "uncalled_connections")
+        .map(|s| s.max);
+    check(
+        "6",
+        "no upstream connection to endpoints of services nobody called",
+        uncalled.map(|v| format!("{v:.0} connections")),
+        uncalled.map(|v| v == 0.0),
+    );
+    out
+}
+
+fn markdown(r: &Results, settings: &Settings, missing: &[String]) -> String {
+    use std::fmt::Write as _;
+    let meta = |k: &str| {
+        r.meta
+            .get(k)
+            .map(|v| v.to_string().trim_matches('"').to_owned())
+            .unwrap_or_default()
+    };
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# rpc_proxy benchmarks{}\n",
+        if settings.smoke {
+            " (smoke run: sizes too small to mean anything)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        md,
+        "Run {} on {} CPUs ({}), load average before: {}, after: {}; {} rounds, {} ms warm-up + {} ms window per point; {} build of `{}`; took {} s.\n",
+        meta("date"),
+        meta("cpus"),
+        meta("cpu_model"),
+        meta("loadavg_before"),
+        meta("loadavg_after"),
+        meta("rounds"),
+        meta("warmup_ms"),
+        meta("window_ms"),
+        meta("profile"),
+        meta("git"),
+        meta("elapsed_s"),
+    );
+    md.push_str(
+        "Command: `make bench` (= `cargo run -p rpc-bench --release`). Every cell is the median over rounds, \
+         with (min-max). Targets run interleaved within each round (order rotated every round). \
+         Ratios are taken against the baseline of the same round. CPU figures are `utime+stime` of the \
+         process group from `/proc/<pid>/stat`, read right before and after the window, divided by the calls \
+         completed in it. The load generator is a closed loop over unix sockets; \"N in flight\" is N \
+         connections with one call outstanding each. All sockets are unix sockets.\n\n",
+    );
+    md.push_str("## Targets\n\n");
+    md.push_str(&report::checks_table(r));
+    let us = |h, m| col(h, m, Fmt::Dec1);
+    md.push_str("\n## 1. Proxy hop (100 B string argument)\n\n");
+    md.push_str(&report::table(
+        r,
+        "1",
+        &[
+            col("calls/s", "calls_per_s", Fmt::Count),
+            col("x direct", "ratio", Fmt::Ratio),
+            us("p50 us", "p50_us"),
+            us("p99 us", "p99_us"),
+            col("hop CPU us/call", "hop_cpu_us", Fmt::Dec2),
+            col("echo CPU us/call", "echo_cpu_us", Fmt::Dec2),
+            col("client CPU us/call", "client_cpu_us", Fmt::Dec2),
+        ],
+    ));
+    md.push_str(
+        "\n`rpc_proxy, 1 tokio thread` is the same binary and config started with \
+         `TOKIO_WORKER_THREADS=1` (tokio's default runtime builder reads it): an experiment, not a \
+         supported setting. Reference: the Go original proxy, measured the same way, reached 0.38x \
+         direct at 14.4 us of CPU per call (64 in flight).\n",
+    );
+    md.push_str(
+        "\n### 1 in flight, client, echo backend and hop all pinned to one CPU (taskset; the idlest one at the time)\n\n",
+    );
+    md.push_str(&report::table(
+        r,
+        "1-pinned",
+        &[
+            us("p50 us", "p50_us"),
+            us("added p50 us", "added_p50_us"),
+            us("mean us", "mean_us"),
+            us("added mean us", "added_mean_us"),
+            col("calls/s", "calls_per_s", Fmt::Count),
+            col("hop CPU us/call", "hop_cpu_us", Fmt::Dec2),
+        ],
+    ));
+    md.push_str("\n## 2. Large bodies (echoed: each call carries the body both ways)\n\n");
+    md.push_str(&report::table(
+        r,
+        "2",
+        &[
+            col("MB/s (each way)", "mb_per_s", Fmt::Int),
+            col("x direct", "ratio", Fmt::Ratio),
+            col("calls/s", "calls_per_s", Fmt::Count),
+            us("p50 us", "p50_us"),
+            us("p99 us", "p99_us"),
+            col("hop CPU us/MB", "hop_cpu_us_per_mb", Fmt::Dec1),
+        ],
+    ));
+    md.push_str("\n## 3. Python tier (same trivial echo handler; clients send bare `echo`)\n\n");
+    md.push_str(&report::table(
+        r,
+        "3",
+        &[
+            col("calls/s", "calls_per_s", Fmt::Count),
+            col("x TProcessPool(2) best", "vs_pool_best", Fmt::Ratio),
+            us("p50 us", "p50_us"),
+            us("p99 us", "p99_us"),
+            col("clients served", "served", Fmt::Int),
+            col("clients", "clients", Fmt::Int),
+            col("server CPU us/call", "server_cpu_us", Fmt::Dec1),
+        ],
+    ));
+    md.push_str("\nA client with zero calls completed in the window was starved. Server CPU includes every process of the server (LB + workers; pool workers).\n");
+    md.push_str("\n## 4. Full path: client -> rpc_proxy -> rpc_lb -> 2 workers\n\n");
+    md.push_str(&report::table(
+        r,
+        "4",
+        &[
+            col("calls/s", "calls_per_s", Fmt::Count),
+            col("x client->LB", "ratio", Fmt::Ratio),
+            us("p50 us", "p50_us"),
+            us("p99 us", "p99_us"),
+            col("proxy CPU us/call", "proxy_cpu_us", Fmt::Dec2),
+            col("LB CPU us/call", "lb_cpu_us", Fmt::Dec2),
+            col("workers CPU us/call", "workers_cpu_us", Fmt::Dec1),
+        ],
+    ));
+    md.push_str("\n## 5. Memory with idle client connections (each made one call)\n\n");
+    md.push_str(&report::table(
+        r,
+        "5",
+        &[
+            col("connections", "connections", Fmt::Int),
+            col("RSS before MiB", "rss_before_mib", Fmt::Dec1),
+            col("RSS after MiB", "rss_after_mib", Fmt::Dec1),
+            col("peak RSS MiB", "hwm_mib", Fmt::Dec1),
+            col("KiB per connection", "per_conn_kib", Fmt::Dec1),
+        ],
+    ));
+    md.push_str("\nThe forwarder and haproxy also hold one upstream connection per client connection; rpc_proxy shares one.\n");
+    md.push_str("\n## 6. Discovery at scale\n\n");
+    md.push_str(&report::table(
+        r,
+        "6",
+        &[
+            col("services", "services", Fmt::Int),
+            col("endpoints", "endpoints", Fmt::Int),
+            us("start to accept ms", "accept_ms"),
+            us("start to full table ms", "table_ms"),
+            us("(log line) ms", "log_table_ms"),
+            us("baseline: fresh ZK client reads all ms", "zk_read_all_ms"),
+            col(
+                "deletion to stop ms (median)",
+                "deletion_ms_median",
+                Fmt::Dec2,
+            ),
+            col("(worst trial)", "deletion_ms_max", Fmt::Dec2),
+            col(
+                "baseline: ZK watch fired ms",
+                "zk_watch_ms_median",
+                Fmt::Dec2,
+            ),
+            col("re-add to first call ms", "readd_ms_median", Fmt::Dec2),
+            col(
+                "conns to uncalled endpoints",
+                "uncalled_connections",
+                Fmt::Int,
+            ),
+        ],
+    ));
+    md.push_str(
+        "\nFull table: time from spawning rpc_proxy until calls to a sample of services (the last ones listed, \
+         the first, and some in between) all succeed; its baseline is a fresh session of a plain ZooKeeper \
+         client reading every service and endpoint (pipelined, as the proxy's discovery does). Deletion to \
+         stop: time from issuing the ZooKeeper delete of one of a service's two endpoints, under load, to \
+         the last call arriving at that endpoint's backend; its baseline is the time until ZooKeeper's \
+         watch event reaches a plain client (the harness's own session).\n",
+    );
+    if !r.skipped.is_empty() {
+        md.push_str("\n## Skipped\n\n");
+        for s in &r.skipped {
+            let _ = writeln!(md, "- {s}");
+        }
+    }
+    if !missing.is_empty() {
+        md.push_str("\n## Missing numbers\n\n");
+        for m in missing {
+            let _ = writeln!(md, "- {m}");
+        }
+    }
+    md
+}
