@@ -21,6 +21,22 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# promtool (tests check /metrics with it) comes with Debian's prometheus, whose install would
+# start a daemon: block service starts for the install, and make sure none is left running.
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "setup: apt-get install prometheus (for promtool; its daemon is kept off)"
+    added_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+        $SUDO chmod +x /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+    [ -n "$added_policy" ] && $SUDO rm -f /usr/sbin/policy-rc.d
+    $SUDO pkill -x prometheus 2>/dev/null || true
+fi
+
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import thrift, kazoo, pytest, pytest_timeout, thriftpy2' >/dev/null 2>&1 || ! command -v ruff >/dev/null 2>&1; then
     echo "setup: pip install thrift kazoo thriftpy2 pytest pytest-timeout ruff"

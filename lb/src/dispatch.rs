@@ -16,6 +16,8 @@ use bytes::BytesMut;
 use rpc_frame::{ExceptionCode, Message};
 use tokio::sync::mpsc;
 
+use crate::metrics::{Meter, Outcome};
+
 /// Where a call's reply goes: the proxy connection it came from, with the proxy's seqid.
 #[derive(Debug, Clone)]
 pub struct ReplyTo {
@@ -48,16 +50,20 @@ pub struct Call {
     pub reply: Option<ReplyTo>,
     /// After this the caller gets a timeout error.
     pub deadline: Instant,
+    /// Times the call from the front to its answer; records the outcome.
+    pub meter: Meter,
 }
 
 impl Call {
-    /// Answers the caller with a code-6 error (no-op for ONEWAY, which is only logged).
-    pub fn fail(self, service: &str, text: &str) {
-        let method = self.message.name().to_owned();
+    /// Answers the caller with a code-6 error (no-op for ONEWAY, which is only logged) and
+    /// records `outcome`.
+    pub fn fail(self, service: &str, outcome: Outcome, text: &str) {
+        let method = self.message.name();
         match self.reply {
-            Some(reply) => reply.fail(&method, ExceptionCode::InternalError, text),
+            Some(reply) => reply.fail(method, ExceptionCode::InternalError, text),
             None => tracing::warn!(service, method, error = text, "oneway call failed"),
         }
+        self.meter.finish(outcome);
     }
 }
 
@@ -344,6 +350,7 @@ mod tests {
             message: Message::parse(frame).unwrap(),
             reply: None,
             deadline,
+            meter: Meter::detached(),
         }
     }
 

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{Call, Dispatcher, Reject, ReplyTo};
+use crate::metrics::{LbMetrics, Outcome, UNKNOWN};
 
 /// Tunables of front connections.
 #[derive(Debug, Clone)]
@@ -24,6 +25,8 @@ pub struct FrontSettings {
     pub max_frame_size: usize,
     /// The LB's request timeout (a little less than the proxy's).
     pub request_timeout: Duration,
+    /// Where calls are counted.
+    pub metrics: Arc<LbMetrics>,
 }
 
 /// Front activity, read by the graceful stop to see when proxies have gone quiet.
@@ -73,6 +76,13 @@ pub fn reject_text(service: &str, method: &str, reject: Reject) -> String {
         }
         Reject::Stopping => format!("Worker FOR {service}.{method} Not Found: the LB is stopping"),
     }
+}
+
+/// Answers a call the dispatcher refused, and counts it.
+pub fn reject(call: Call, reject: Reject, service: &str, metrics: &LbMetrics) {
+    metrics.rejected(reject);
+    let text = reject_text(service, call.message.name(), reject);
+    call.fail(service, Outcome::from(reject), &text);
 }
 
 /// Serves one proxy connection until it closes or `close` fires (after the drain).
@@ -127,6 +137,7 @@ fn take_frames(
             Ok(Some(frame)) => frame,
             Ok(None) => return true,
             Err(e) => {
+                settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
                 let text = format!("bad frame: {e}");
                 let _ = tx.send(rpc_frame::application_exception(
                     "",
@@ -140,6 +151,7 @@ fn take_frames(
         let mut message = match Message::parse(frame) {
             Ok(m) => m,
             Err((_, e)) => {
+                settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
                 let text = format!("malformed message header: {e}");
                 let _ = tx.send(rpc_frame::application_exception(
                     "",
@@ -158,6 +170,7 @@ fn take_frames(
             }
             MessageType::Call | MessageType::Oneway => {}
             other => {
+                settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
                 let text = format!("message type {} is not a call", other.as_u8());
                 let _ = tx.send(rpc_frame::application_exception(
                     message.method(),
@@ -174,14 +187,15 @@ fn take_frames(
             tx: tx.clone(),
             seqid,
         });
+        let now = Instant::now();
         let call = Call {
+            meter: settings.metrics.calls.start_at(message.name(), now),
             message,
             reply,
-            deadline: Instant::now() + settings.request_timeout,
+            deadline: now + settings.request_timeout,
         };
-        if let Err((call, reject)) = dispatcher.submit(call) {
-            let text = reject_text(&settings.service, call.message.name(), reject);
-            call.fail(&settings.service, &text);
+        if let Err((call, refused)) = dispatcher.submit(call) {
+            reject(call, refused, &settings.service, &settings.metrics);
         }
     }
 }

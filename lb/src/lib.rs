@@ -7,36 +7,51 @@
 //! - [`front`]: proxy connections; calls in, replies out in completion order.
 //! - [`dispatch`]: least-loaded dispatch within worker capacity, bounded wait queue.
 //! - [`workers`]: worker connections (seqid rewrite, heartbeats, STOP, HELLO).
-//! - [`registration`]: the ZooKeeper node follows the workers.
+//! - [`registration`]: the ZooKeeper node follows the workers (and maintenance).
 //! - [`address`]: which address to listen on and register.
+//! - [`metrics`]: what is measured (calls, rejections, workers, queue, ZooKeeper).
+//! - [`admin`]: the admin routes (`/healthz`, `/metrics`, `/status`, `/drain`, `/resume`).
+//! - [`status`]: the periodic status log line.
+//!
+//! # Maintenance (`POST /drain`, `POST /resume`)
+//! The node is wanted while at least one worker takes calls and the LB is not in
+//! maintenance. `POST /drain` deletes it as step 1 below does, but the LB keeps serving and
+//! stays up; `POST /resume` registers again (when there is a worker).
 //!
 //! # Shutdown order (SIGTERM/SIGINT, bounded by `drain_grace`)
-//! 1. Delete the ZooKeeper node (proxies stop routing here once they see it).
+//! 1. Delete the ZooKeeper node (proxies stop routing here once they see it); `/healthz`
+//!    says 503 from here on.
 //! 2. Keep serving what proxies still send until the front has been quiet for a moment or
 //!    every proxy connection has closed.
 //! 3. Stop accepting proxies and workers; send every worker STOP_CONFIRM (nothing new is
 //!    coming); queued calls that no worker took get code 6.
 //! 4. Wait until every call in flight has its reply delivered.
-//! 5. Close the front connections and return.
+//! 5. Close the front connections and the admin endpoint; return.
 
 pub mod address;
+pub mod admin;
 pub mod dispatch;
 pub mod front;
+pub mod metrics;
 pub mod registration;
+pub mod status;
 pub mod workers;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rpc_admin::AdminListener;
 use rpc_config::LbConfig;
 use rpc_registry::{EndpointInfo, ZkSettings};
 use rpc_runtime::listener::{Listener, Stream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::dispatch::Dispatcher;
+use crate::admin::LbState;
+use crate::dispatch::{Dispatcher, Reject};
 use crate::front::{Activity, FrontSettings};
+use crate::metrics::{LbMetrics, Outcome};
 use crate::registration::Registrar;
 use crate::workers::{WorkerEvent, WorkerSettings};
 
@@ -57,7 +72,12 @@ pub struct LbRun {
     pub back: Listener,
     /// The node data to register (frontend, deploy path, ...).
     pub info: EndpointInfo,
+    /// The bound `admin_address` socket, if configured.
+    pub admin: Option<AdminListener>,
 }
+
+/// Longest wait for the admin endpoint to close at the end of the stop.
+const ADMIN_CLOSE: Duration = Duration::from_secs(1);
 
 /// Runs the LB until `shutdown` is cancelled and the drain is over.
 pub async fn run(lb: LbRun, shutdown: CancellationToken) {
@@ -66,13 +86,20 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         front,
         back,
         info,
+        admin,
     } = lb;
     let zk = ZkSettings {
         servers: config.common.zk.clone(),
         session_timeout: config.common.zk_session_timeout,
         auth: config.common.zk_auth.clone(),
     };
-    let registrar = Registrar::spawn(zk, config.common.product.clone(), info);
+    let metrics = Arc::new(LbMetrics::new(&config.service));
+    let registrar = Registrar::spawn(
+        zk,
+        config.common.product.clone(),
+        info,
+        metrics.registration.clone(),
+    );
     let dispatcher = Arc::new(Dispatcher::new(config.max_queue));
     let activity = Arc::new(Activity::default());
     // The LB answers a little before the proxy gives up, so the caller sees the LB's reason.
@@ -81,6 +108,7 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         service: config.service.clone(),
         max_frame_size: config.common.max_frame_size,
         request_timeout,
+        metrics: metrics.clone(),
     });
     let worker_settings = Arc::new(WorkerSettings {
         service: config.service.clone(),
@@ -89,12 +117,33 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         heartbeat_interval: config.common.heartbeat_interval,
         heartbeat_timeout: config.common.heartbeat_timeout,
         max_frame_size: config.common.max_frame_size,
+        metrics: metrics.clone(),
     });
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let stop_accepting = CancellationToken::new();
     let close_front = CancellationToken::new();
     let front_tracker = TaskTracker::new();
     let worker_tracker = TaskTracker::new();
+    let (maintenance_tx, mut maintenance) = watch::channel(false);
+    let state = Arc::new(LbState {
+        service: config.service.clone(),
+        dispatcher: dispatcher.clone(),
+        activity: activity.clone(),
+        registered: registrar.watch(),
+        maintenance: maintenance_tx,
+        shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
+    });
+    // The admin endpoint outlives the drain (its /healthz says 503 meanwhile).
+    let admin_stop = CancellationToken::new();
+    let admin = admin.map(|admin| {
+        let routes = Arc::new(admin::routes(state.clone()));
+        tokio::spawn(rpc_admin::serve(admin, routes, admin_stop.clone()))
+    });
+    let status = config
+        .common
+        .status_interval
+        .map(|every| tokio::spawn(status::run(state.clone(), every)));
 
     tracing::info!(
         front = front.describe(),
@@ -122,7 +171,7 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
     ));
     let expiry = tokio::spawn(expire_queue(dispatcher.clone(), config.service.clone()));
 
-    // Registration follows the workers until shutdown.
+    // Registration follows the workers and the maintenance flag until shutdown.
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -131,9 +180,15 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
                     break;
                 }
                 while events_rx.try_recv().is_ok() {}
-                registrar.want(dispatcher.active_workers() > 0);
+            }
+            changed = maintenance.changed() => {
+                if changed.is_err() {
+                    break;
+                }
             }
         }
+        let in_maintenance = *maintenance.borrow_and_update();
+        registrar.want(dispatcher.active_workers() > 0 && !in_maintenance);
     }
 
     // 1. Deregister.
@@ -158,12 +213,7 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
     let _ = back_accept.await;
     let queued = dispatcher.stop_all();
     for call in queued {
-        let text = front::reject_text(
-            &config.service,
-            call.message.name(),
-            dispatch::Reject::Stopping,
-        );
-        call.fail(&config.service, &text);
+        front::reject(call, Reject::Stopping, &config.service, &metrics);
     }
     // 4. Wait for the replies.
     tracing::info!(
@@ -182,6 +232,13 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
     front_tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), front_tracker.wait()).await;
     expiry.abort();
+    if let Some(status) = status {
+        status.abort();
+    }
+    admin_stop.cancel();
+    if let Some(admin) = admin {
+        let _ = tokio::time::timeout(ADMIN_CLOSE, admin).await;
+    }
     tracing::info!("rpc_lb stopped");
 }
 
@@ -201,7 +258,7 @@ async fn expire_queue(dispatcher: Arc<Dispatcher>, service: String) {
                 "Service: {service}, Method: {}, Error: timeout, no worker was free within the request timeout",
                 call.message.name()
             );
-            call.fail(&service, &text);
+            call.fail(&service, Outcome::QueueTimeout, &text);
         }
     }
 }

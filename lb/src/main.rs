@@ -126,6 +126,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(exit::FAILURE);
             }
         };
+        let admin = match config.common.admin_address.as_deref() {
+            Some(address) => match rpc_admin::AdminListener::bind(address).await {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    eprintln!("rpc_lb: {e}");
+                    return ExitCode::from(exit::FAILURE);
+                }
+            },
+            None => None,
+        };
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             service = config.service,
@@ -138,6 +148,7 @@ fn main() -> ExitCode {
                 front,
                 back,
                 info,
+                admin,
             },
             shutdown,
         )

@@ -1,13 +1,20 @@
 //! Keeps the LB's ZooKeeper node in step with its workers: registered while at least one
-//! worker takes calls, deregistered when the last one is gone or the LB stops. Session expiry
-//! is handled inside [`rpc_registry::Registration`] (it registers again by itself). Sits
-//! between the worker events and ZooKeeper.
+//! worker takes calls (and the LB is not in maintenance), deregistered when the last one is
+//! gone, on `POST /drain`, or when the LB stops. Session expiry is handled inside
+//! [`rpc_registry::Registration`] (it registers again by itself); this task polls it so the
+//! registered state (`/healthz`, metrics) shows the gap. Sits between the worker events and
+//! ZooKeeper.
 
 use std::time::Duration;
 
 use rpc_registry::{EndpointInfo, Registration, ZkSettings};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::metrics::RegistrationMetrics;
+
+/// How often a live registration is checked for a lost session.
+const SESSION_POLL: Duration = Duration::from_millis(250);
 
 /// Handle to the registration task.
 #[derive(Debug)]
@@ -19,10 +26,22 @@ pub struct Registrar {
 
 impl Registrar {
     /// Starts the task; nothing is registered until [`Registrar::want`] says so.
-    pub fn spawn(settings: ZkSettings, product: String, info: EndpointInfo) -> Self {
+    pub fn spawn(
+        settings: ZkSettings,
+        product: String,
+        info: EndpointInfo,
+        metrics: RegistrationMetrics,
+    ) -> Self {
         let (want, want_rx) = watch::channel(false);
         let (registered_tx, registered) = watch::channel(false);
-        let task = tokio::spawn(run(settings, product, info, want_rx, registered_tx));
+        let task = tokio::spawn(run(
+            settings,
+            product,
+            info,
+            want_rx,
+            registered_tx,
+            metrics,
+        ));
         Registrar {
             want,
             registered,
@@ -65,6 +84,7 @@ async fn run(
     info: EndpointInfo,
     mut want: watch::Receiver<bool>,
     registered: watch::Sender<bool>,
+    metrics: RegistrationMetrics,
 ) {
     let mut current: Option<Registration> = None;
     let mut failures = 0u32;
@@ -75,13 +95,16 @@ async fn run(
             tokio::select! {
                 result = attempt => match result {
                     Ok(registration) => {
-                        tracing::info!(path = registration.path(), frontend = info.frontend, "registered in zookeeper");
+                        // rpc_registry logs the state change at info.
+                        tracing::debug!(path = registration.path(), frontend = info.frontend, "registered in zookeeper");
                         current = Some(registration);
                         failures = 0;
+                        metrics.registrations.inc();
                         let _ = registered.send(true);
                     }
                     Err(e) => {
                         failures += 1;
+                        metrics.failures.inc();
                         let delay = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
                         tracing::warn!(error = %e, retry_in = ?delay, "zookeeper registration failed");
                         tokio::select! {
@@ -99,7 +122,7 @@ async fn run(
         if !wanted && let Some(registration) = current.take() {
             let path = registration.path().to_owned();
             match registration.deregister().await {
-                Ok(()) => tracing::info!(path, "deregistered from zookeeper"),
+                Ok(()) => tracing::debug!(path, "deregistered from zookeeper"),
                 Err(e) => {
                     tracing::warn!(path, error = %e, "deregistration failed; the session is closed anyway")
                 }
@@ -107,7 +130,27 @@ async fn run(
             let _ = registered.send(false);
             continue;
         }
-        if want.changed().await.is_err() {
+        let changed = match &current {
+            // Registered: also watch for a lost session (the registration re-registers by
+            // itself; the node is missing meanwhile).
+            Some(registration) => tokio::select! {
+                changed = want.changed() => changed,
+                _ = tokio::time::sleep(SESSION_POLL) => {
+                    let alive = registration.is_registered();
+                    if alive != *registered.borrow() {
+                        if alive {
+                            metrics.registrations.inc();
+                        } else {
+                            metrics.expiries.inc();
+                        }
+                        registered.send_replace(alive);
+                    }
+                    Ok(())
+                }
+            },
+            None => want.changed().await,
+        };
+        if changed.is_err() {
             if let Some(registration) = current.take() {
                 let _ = registration.deregister().await;
                 let _ = registered.send(false);

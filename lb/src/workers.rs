@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::dispatch::{Call, Dispatcher, ReplyTo, ToWorker, WorkerId};
+use crate::metrics::{LbMetrics, Meter, Outcome};
 
 /// Tunables of worker connections.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct WorkerSettings {
     pub heartbeat_timeout: Duration,
     /// Largest frame accepted from a worker.
     pub max_frame_size: usize,
+    /// Where calls and workers are counted.
+    pub metrics: Arc<LbMetrics>,
 }
 
 /// Worker-side events, for logs and registration.
@@ -47,6 +50,8 @@ struct Pending {
     /// worker answers.
     reply: Option<ReplyTo>,
     method: String,
+    /// Taken with `reply`: the call's outcome is recorded once.
+    meter: Option<Meter>,
 }
 
 #[derive(Default)]
@@ -107,6 +112,7 @@ pub async fn serve<R, W>(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = dispatcher.add_worker(tx.clone(), settings.default_capacity);
     let _ = events.send(WorkerEvent::Joined(id));
+    settings.metrics.workers_joined.inc();
     tracing::info!(service = settings.service, worker = id, "worker joined");
     let shared = Shared {
         id,
@@ -119,6 +125,7 @@ pub async fn serve<R, W>(
         ending = read_loop(&shared, &dispatcher, &settings, reader, &tx, &events) => ending,
     };
     dispatcher.remove(id);
+    settings.metrics.workers_left.inc();
     let _ = events.send(WorkerEvent::Left(id));
     let held: Vec<Pending> = shared.pending().calls.drain().map(|(_, p)| p).collect();
     let lost = held.iter().filter(|p| p.reply.is_some()).count();
@@ -130,6 +137,9 @@ pub async fn serve<R, W>(
             );
             reply.fail(&pending.method, ExceptionCode::InternalError, &text);
         }
+        if let Some(meter) = pending.meter {
+            meter.finish(Outcome::WorkerLost);
+        }
     }
     // Calls handed over but never written: another worker can run them.
     rx.close();
@@ -137,7 +147,7 @@ pub async fn serve<R, W>(
     while let Ok(item) = rx.try_recv() {
         if let ToWorker::Call(call) = item {
             moved += 1;
-            resubmit(&dispatcher, &settings.service, call);
+            resubmit(&dispatcher, &settings, call);
         }
     }
     tracing::info!(
@@ -151,10 +161,9 @@ pub async fn serve<R, W>(
 }
 
 /// Gives a call back to the dispatcher; if no worker can take it, fails it.
-pub fn resubmit(dispatcher: &Dispatcher, service: &str, call: Call) {
+pub fn resubmit(dispatcher: &Dispatcher, settings: &WorkerSettings, call: Call) {
     if let Err((call, reject)) = dispatcher.submit(call) {
-        let text = crate::front::reject_text(service, call.message.name(), reject);
-        call.fail(service, &text);
+        crate::front::reject(call, reject, &settings.service, &settings.metrics);
     }
 }
 
@@ -196,10 +205,15 @@ where
                                         pending.calls.insert(seqid, Pending {
                                             reply: Some(reply),
                                             method: message.name().to_owned(),
+                                            meter: Some(call.meter),
                                         });
                                         pending.order.push_back((call.deadline, seqid));
                                     }
-                                    None => oneway_written += 1,
+                                    // A ONEWAY call is done once written.
+                                    None => {
+                                        oneway_written += 1;
+                                        call.meter.finish(Outcome::Ok);
+                                    }
                                 }
                                 message.set_seqid(seqid);
                                 buf.extend_from_slice(message.as_wire());
@@ -254,6 +268,9 @@ fn expire(shared: &Shared, settings: &WorkerSettings) {
                 settings.service, call.method
             );
             reply.fail(&call.method, ExceptionCode::InternalError, &text);
+            if let Some(meter) = call.meter.take() {
+                meter.finish(Outcome::Timeout);
+            }
         }
     }
 }
@@ -307,6 +324,12 @@ where
                         continue;
                     };
                     dispatcher.finished(shared.id);
+                    if let Some(meter) = call.meter {
+                        meter.finish(match message.message_type() {
+                            MessageType::Exception => Outcome::Exception,
+                            _ => Outcome::Ok,
+                        });
+                    }
                     if let Some(reply) = call.reply {
                         message.set_seqid(reply.seqid);
                         reply.send(message.into_wire());

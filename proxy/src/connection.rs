@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
@@ -21,7 +21,8 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{CallError, UpstreamFailure};
-use crate::route::{Lookup, NoPick, Router};
+use crate::metrics::{Outcome, UNKNOWN};
+use crate::route::{Lookup, NoPick, Router, Service};
 use crate::upstream::{Failure, Outgoing, Refused};
 
 /// Per-connection limits and timeouts.
@@ -176,6 +177,7 @@ where
                 Ok(None) => return,
                 Err(e) => {
                     // The byte stream cannot be framed any more: answer once, then close.
+                    self.count_protocol_error();
                     self.inflight.push_back(ready(frame_error_reply(&e)));
                     self.reading = false;
                     self.rbuf = BytesMut::new();
@@ -192,6 +194,7 @@ where
                 let (name, seqid) = legacy_name_and_seqid(&frame).unwrap_or_default();
                 let text = format!("malformed message header: {e}");
                 tracing::debug!(error = %e, "bad client header");
+                self.count_protocol_error();
                 return ready(Some(rpc_frame::application_exception(
                     &name,
                     seqid,
@@ -206,6 +209,7 @@ where
             MessageType::Heartbeat => return ready(Some(rpc_frame::ping_reply(seqid))),
             other => {
                 let text = format!("message type {} is not a call", other.as_u8());
+                self.count_protocol_error();
                 return ready(Some(error_frame(
                     message.method(),
                     seqid,
@@ -219,12 +223,15 @@ where
                 "message name {:?} has no `service:` prefix (use TMultiplexedProtocol)",
                 message.name()
             );
+            self.count_protocol_error();
             return ready(reply_unless_oneway(oneway, || {
                 error_frame(message.name(), seqid, &CallError::Protocol(text))
             }));
         }
         if self.inflight.len() >= self.settings.max_inflight {
             let (service, method) = message.service_and_method().unwrap_or_default();
+            self.router
+                .count_refused(service, method, Outcome::Overloaded);
             let error = CallError::Overloaded {
                 service: service.to_owned(),
                 method: method.to_owned(),
@@ -234,7 +241,21 @@ where
                 error_frame(method, seqid, &error)
             }));
         }
-        Box::pin(call(self.router.clone(), message, self.settings.clone()))
+        let started = Instant::now();
+        Box::pin(call(
+            self.router.clone(),
+            message,
+            self.settings.clone(),
+            started,
+        ))
+    }
+
+    /// Counts a frame that was no usable call (service and method `unknown`).
+    fn count_protocol_error(&self) {
+        self.router
+            .metrics()
+            .unknown()
+            .record(UNKNOWN, Outcome::Protocol);
     }
 }
 
@@ -282,11 +303,13 @@ fn legacy_name_and_seqid(frame: &[u8]) -> Option<(String, i32)> {
 }
 
 /// Routes one call and waits for its reply. Returns the bytes for the client (a reply or a
-/// `TApplicationException`), or `None` for ONEWAY.
+/// `TApplicationException`), or `None` for ONEWAY. The call is counted and timed from
+/// `started` (when its frame was read) to its answer.
 async fn call(
     router: Arc<Router>,
     mut message: Message,
     settings: Arc<ConnectionSettings>,
+    started: Instant,
 ) -> Option<BytesMut> {
     let oneway = message.message_type() == MessageType::Oneway;
     let client_seqid = message.seqid();
@@ -307,21 +330,57 @@ async fn call(
     let entry = match router.lookup(service) {
         Lookup::Found(entry) => entry,
         Lookup::Unknown => {
+            let unknown = router.metrics().unknown();
+            unknown
+                .start_at(UNKNOWN, started)
+                .finish(Outcome::UnknownService);
             return fail(CallError::UnknownService {
                 service: service.to_owned(),
             });
         }
     };
+    // Dropped unfinished (the client went away) it counts as `cancelled`.
+    let guard = entry.calls.start_at(method, started);
     message.strip_service();
+    match forward(&entry, method, message, oneway, client_seqid, &settings).await {
+        Ok(Some(reply)) => {
+            guard.finish(match reply.message_type() {
+                MessageType::Exception => Outcome::Exception,
+                _ => Outcome::Ok,
+            });
+            Some(reply.into_wire())
+        }
+        Ok(None) => {
+            guard.finish(Outcome::Ok);
+            None
+        }
+        Err(error) => {
+            guard.finish(Outcome::of(&error));
+            fail(error)
+        }
+    }
+}
+
+/// Sends a call (`service:` stripped) to an endpoint of `entry`, trying another endpoint when
+/// it was never written; returns the reply (`None` for ONEWAY, once queued).
+async fn forward(
+    entry: &Service,
+    method: &str,
+    mut message: Message,
+    oneway: bool,
+    client_seqid: i32,
+    settings: &ConnectionSettings,
+) -> Result<Option<Message>, CallError> {
+    let service = entry.name.as_str();
     let mut tried = Vec::new();
     for _ in 0..MAX_ATTEMPTS {
         let endpoint = match entry.pick(&tried) {
             Ok(e) => e,
             Err(NoPick::Empty) if tried.is_empty() => {
-                return fail(no_endpoint(service, method, ""));
+                return Err(no_endpoint(service, method, ""));
             }
             Err(_) => {
-                return fail(no_endpoint(
+                return Err(no_endpoint(
                     service,
                     method,
                     ": every endpoint is unreachable",
@@ -347,14 +406,16 @@ async fn call(
                 continue;
             }
             Err(Refused::Full(_)) => {
-                return fail(CallError::Overloaded {
+                return Err(CallError::Overloaded {
                     service: service.to_owned(),
                     method: method.to_owned(),
                     cause: "too many calls pending on the endpoint",
                 });
             }
         }
-        let rx = rx?;
+        let Some(rx) = rx else {
+            return Ok(None);
+        };
         let upstream = |cause| CallError::Upstream {
             service: service.to_owned(),
             method: method.to_owned(),
@@ -364,19 +425,19 @@ async fn call(
         let answer = tokio::select! {
             biased;
             answer = rx => answer,
-            _ = settings.abort.cancelled() => return fail(upstream(UpstreamFailure::Stopping)),
+            _ = settings.abort.cancelled() => return Err(upstream(UpstreamFailure::Stopping)),
         };
         match answer {
-            Ok(Ok(reply)) => return Some(reply.into_wire()),
+            Ok(Ok(reply)) => return Ok(Some(reply)),
             Ok(Err(Failure::NotSent(back))) => {
                 message = back;
                 tried.push(endpoint);
             }
-            Ok(Err(Failure::Failed(cause))) => return fail(upstream(cause)),
-            Err(_) => return fail(upstream(UpstreamFailure::ConnectionLost)),
+            Ok(Err(Failure::Failed(cause))) => return Err(upstream(cause)),
+            Err(_) => return Err(upstream(UpstreamFailure::ConnectionLost)),
         }
     }
-    fail(no_endpoint(
+    Err(no_endpoint(
         service,
         method,
         ": every endpoint is unreachable",

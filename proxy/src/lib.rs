@@ -9,16 +9,22 @@
 //! - [`upstream`]: an endpoint's multiplexed connections (seqid rewrite, heartbeats,
 //!   timeouts, backoff, drain).
 //! - [`error`]: call failures and the exception each becomes.
+//! - [`metrics`]: what is measured (calls, connections, endpoints, ZooKeeper).
+//! - [`admin`]: the admin routes (`/healthz`, `/metrics`, `/status`).
+//! - [`status`]: the periodic status log line.
 //!
 //! # Shutdown order
-//! On the shutdown token: stop accepting and remove the socket file; every connection stops
-//! reading new calls and finishes the ones in flight; wait for them at most `drain_grace`,
-//! then answer the calls still open with code 6;
-//! stop discovery; return.
+//! On the shutdown token: `/healthz` turns 503; stop accepting and remove the socket file;
+//! every connection stops reading new calls and finishes the ones in flight; wait for them at
+//! most `drain_grace`, then answer the calls still open with code 6; close the admin
+//! endpoint; stop discovery; return.
 
+pub mod admin;
 pub mod connection;
 pub mod error;
+pub mod metrics;
 pub mod route;
+pub mod status;
 pub mod upstream;
 
 /// The client socket (shared with `rpc_lb`; re-exported for tests and the binary).
@@ -26,6 +32,7 @@ pub use rpc_runtime::listener;
 
 use std::sync::Arc;
 
+use rpc_admin::AdminListener;
 use rpc_config::ProxyConfig;
 use rpc_registry::{DiscoveryEvent, ZkSettings};
 use tokio::sync::{Semaphore, mpsc};
@@ -33,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::connection::ConnectionSettings;
+use crate::metrics::{ConnectionGauge, Metrics};
 use crate::route::Router;
 use crate::upstream::UpstreamSettings;
 use rpc_runtime::listener::{Listener, Stream};
@@ -54,9 +62,17 @@ pub fn upstream_settings(config: &ProxyConfig) -> UpstreamSettings {
     }
 }
 
+/// Longest wait for the admin endpoint to close at the end of the stop.
+const ADMIN_CLOSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs the proxy with ZooKeeper discovery until `shutdown` is cancelled and the drain is
-/// over.
-pub async fn run(config: ProxyConfig, listener: Listener, shutdown: CancellationToken) {
+/// over. `admin` is the bound `admin_address` socket, if configured.
+pub async fn run(
+    config: ProxyConfig,
+    listener: Listener,
+    admin: Option<AdminListener>,
+    shutdown: CancellationToken,
+) {
     let (events_tx, events_rx) = mpsc::channel(DISCOVERY_QUEUE);
     let settings = ZkSettings {
         servers: config.common.zk.clone(),
@@ -70,20 +86,45 @@ pub async fn run(config: ProxyConfig, listener: Listener, shutdown: Cancellation
         events_tx,
         discovery_stop.clone(),
     ));
-    run_with_discovery(config, listener, events_rx, shutdown).await;
+    serve(config, listener, admin, events_rx, shutdown).await;
     discovery_stop.cancel();
     let _ = discovery.await;
 }
 
 /// Runs the proxy fed by any source of discovery events (ZooKeeper in production, a static
-/// list in tests) until `shutdown` is cancelled and the drain is over.
+/// list in tests) until `shutdown` is cancelled and the drain is over. The admin endpoint,
+/// when `admin_address` is set, is bound here (a failure is logged, not fatal).
 pub async fn run_with_discovery(
     config: ProxyConfig,
     listener: Listener,
+    events: mpsc::Receiver<DiscoveryEvent>,
+    shutdown: CancellationToken,
+) {
+    let admin = match config.common.admin_address.as_deref() {
+        Some(address) => match AdminListener::bind(address).await {
+            Ok(admin) => Some(admin),
+            Err(e) => {
+                tracing::error!(error = %e, "admin endpoint off");
+                None
+            }
+        },
+        None => None,
+    };
+    serve(config, listener, admin, events, shutdown).await;
+}
+
+async fn serve(
+    config: ProxyConfig,
+    listener: Listener,
+    admin: Option<AdminListener>,
     mut events: mpsc::Receiver<DiscoveryEvent>,
     shutdown: CancellationToken,
 ) {
-    let router = Arc::new(Router::new(Arc::new(upstream_settings(&config))));
+    let metrics = Arc::new(Metrics::new());
+    let router = Arc::new(Router::with_metrics(
+        Arc::new(upstream_settings(&config)),
+        metrics,
+    ));
     let applier = {
         let router = router.clone();
         tokio::spawn(async move {
@@ -99,6 +140,16 @@ pub async fn run_with_discovery(
         idle_timeout: config.client_idle_timeout,
         abort: CancellationToken::new(),
     });
+    // The admin endpoint outlives the drain (its /healthz says 503 meanwhile).
+    let admin_stop = CancellationToken::new();
+    let admin = admin.map(|admin| {
+        let routes = Arc::new(admin::routes(router.clone(), shutdown.clone()));
+        tokio::spawn(rpc_admin::serve(admin, routes, admin_stop.clone()))
+    });
+    let status = config
+        .common
+        .status_interval
+        .map(|every| tokio::spawn(status::run(router.clone(), every)));
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
     tracing::info!(
@@ -121,6 +172,13 @@ pub async fn run_with_discovery(
         );
         settings.abort.cancel();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tracker.wait()).await;
+    }
+    if let Some(status) = status {
+        status.abort();
+    }
+    admin_stop.cancel();
+    if let Some(admin) = admin {
+        let _ = tokio::time::timeout(ADMIN_CLOSE, admin).await;
     }
     applier.abort();
 }
@@ -160,7 +218,9 @@ async fn accept_loop(
         let router = router.clone();
         let settings = settings.clone();
         let shutdown = shutdown.clone();
+        let open = ConnectionGauge::open(router.metrics());
         tracker.spawn(async move {
+            let _open = open;
             match stream {
                 Stream::Unix(mut s) => {
                     let (r, w) = s.split();

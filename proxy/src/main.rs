@@ -99,13 +99,24 @@ fn main() -> ExitCode {
                 return ExitCode::from(exit::FAILURE);
             }
         };
+        let admin = match config.common.admin_address.as_deref() {
+            Some(address) => match rpc_admin::AdminListener::bind(address).await {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen");
+                    eprintln!("rpc_proxy: {e}");
+                    return ExitCode::from(exit::FAILURE);
+                }
+            },
+            None => None,
+        };
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             product = config.common.product,
             zk = config.common.zk,
             "rpc_proxy starting"
         );
-        rpc_proxy::run(config, listener, shutdown).await;
+        rpc_proxy::run(config, listener, admin, shutdown).await;
         tracing::info!("rpc_proxy stopped");
         ExitCode::SUCCESS
     })

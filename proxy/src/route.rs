@@ -13,6 +13,7 @@ use rpc_config::Address;
 use rpc_registry::DiscoveryEvent;
 use tokio::sync::Notify;
 
+use crate::metrics::{Metrics, Outcome, ServiceCalls, UNKNOWN};
 use crate::upstream::{Endpoint, UpstreamSettings};
 
 /// The endpoints of one service at one moment (replaced whole on every change).
@@ -22,6 +23,8 @@ pub struct Service {
     pub name: String,
     /// Endpoints offered to new calls.
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// The service's call metrics (the same handles across table changes).
+    pub calls: &'static ServiceCalls,
 }
 
 /// What a lookup found.
@@ -99,16 +102,46 @@ pub struct Router {
     settings: Arc<UpstreamSettings>,
     synced: AtomicBool,
     synced_notify: Notify,
+    metrics: Arc<Metrics>,
 }
 
 impl Router {
-    /// An empty table, not yet synced.
+    /// An empty table, not yet synced, with metrics of its own.
     pub fn new(settings: Arc<UpstreamSettings>) -> Self {
+        Router::with_metrics(settings, Arc::new(Metrics::new()))
+    }
+
+    /// An empty table, not yet synced, counting calls in `metrics`.
+    pub fn with_metrics(settings: Arc<UpstreamSettings>, metrics: Arc<Metrics>) -> Self {
         Router {
             services: RwLock::new(HashMap::new()),
             settings,
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
+            metrics,
+        }
+    }
+
+    /// The proxy's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The call metrics of `service`, or of `unknown` when it is not in the table.
+    pub fn calls_for(&self, service: &str) -> &'static ServiceCalls {
+        match self.lookup(service) {
+            Lookup::Found(found) => found.calls,
+            Lookup::Unknown => self.metrics.unknown(),
+        }
+    }
+
+    /// Counts a call refused before it was routed: under its service and method, or under
+    /// `unknown` for both when the service is not in the table (a client-made name never
+    /// becomes a label).
+    pub fn count_refused(&self, service: &str, method: &str, outcome: Outcome) {
+        match self.lookup(service) {
+            Lookup::Found(found) => found.calls.record(method, outcome),
+            Lookup::Unknown => self.metrics.unknown().record(UNKNOWN, outcome),
         }
     }
 
@@ -197,6 +230,7 @@ impl Router {
                     gone.drain();
                 }
                 let entry = Arc::new(Service {
+                    calls: self.metrics.calls.service(&service),
                     name: service.clone(),
                     endpoints: fresh,
                 });
@@ -225,7 +259,10 @@ impl Router {
                 self.synced_notify.notify_waiters();
             }
             DiscoveryEvent::Session(state) => {
-                tracing::info!(?state, "zookeeper session");
+                // Discovery logs each change at info already.
+                if self.metrics.zk_session(state) {
+                    tracing::debug!(?state, "zookeeper session");
+                }
             }
         }
     }
@@ -327,6 +364,20 @@ mod tests {
         }
         let all = service.endpoints.clone();
         assert_eq!(service.pick(&all).unwrap_err(), NoPick::AllBackingOff);
+    }
+
+    #[test]
+    fn refusals_of_unknown_services_count_under_unknown() {
+        let router = Router::new(settings());
+        router.count_refused("nosuch", "garbage", Outcome::Overloaded);
+        router.apply(endpoints("echo", &[]));
+        router.count_refused("echo", "echo", Outcome::Overloaded);
+        let unknown = router.metrics().unknown();
+        assert_eq!(unknown.method(UNKNOWN).count(Outcome::Overloaded), 1);
+        assert_eq!(unknown.totals().calls, 1, "no `garbage` method");
+        let echo = router.calls_for("echo");
+        assert_eq!(echo.method("echo").count(Outcome::Overloaded), 1);
+        assert!(std::ptr::eq(echo, found(&router, "echo").calls));
     }
 
     #[tokio::test]

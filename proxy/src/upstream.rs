@@ -147,6 +147,19 @@ impl Endpoint {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// What the endpoint is doing, for status output: `backoff` (reconnect backoff: new calls
+    /// go elsewhere), `connected` (a connection is open or being opened), or `idle` (none
+    /// open; the next call opens one).
+    pub fn state(&self) -> &'static str {
+        if self.in_backoff() {
+            "backoff"
+        } else if self.is_connected() {
+            "connected"
+        } else {
+            "idle"
+        }
+    }
+
     /// Whether any connection is open or being opened.
     pub fn is_connected(&self) -> bool {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,0 +1,343 @@
+//! What the LB measures, for `GET /metrics` and the status log line: calls by method and
+//! outcome with their durations, rejected calls, worker joins and departures, ZooKeeper
+//! registration; and, read when scraped, workers connected and busy, worker slots, queue
+//! depth and proxy connections. Call metrics are bumped through handles cached per method
+//! (see [`rpc_admin::metrics`]).
+
+use std::sync::Mutex;
+
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Registry};
+use rpc_admin::metrics::{self as m, CallMetrics};
+
+use crate::dispatch::{Reject, WorkerLoad};
+
+/// Metric name prefix.
+pub const PREFIX: &str = "rpc_lb";
+
+/// The method label of frames that are no usable call.
+pub const UNKNOWN: &str = "unknown";
+
+/// The LB's call handles (its one service).
+pub type ServiceCalls = rpc_admin::ServiceCalls<Outcome>;
+/// One call being timed, from the front to its answer.
+pub type Meter = rpc_admin::CallGuard<Outcome>;
+
+/// How a call through the LB ended: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The worker replied (declared exceptions included).
+    Ok,
+    /// The worker answered with a `TApplicationException` (an undeclared exception).
+    Exception,
+    /// No worker connected.
+    NoWorker,
+    /// Every worker busy and the queue full.
+    QueueFull,
+    /// The LB was stopping.
+    Stopping,
+    /// Waited in the queue past the request timeout.
+    QueueTimeout,
+    /// The worker did not answer within the request timeout.
+    Timeout,
+    /// The worker's connection broke with the call on it.
+    WorkerLost,
+    /// Not a usable call.
+    Protocol,
+    /// The proxy connection went away first, or the call was dropped.
+    Cancelled,
+}
+
+impl From<Reject> for Outcome {
+    fn from(reject: Reject) -> Self {
+        match reject {
+            Reject::NoWorker => Outcome::NoWorker,
+            Reject::QueueFull => Outcome::QueueFull,
+            Reject::Stopping => Outcome::Stopping,
+        }
+    }
+}
+
+impl rpc_admin::Outcome for Outcome {
+    const ALL: &'static [Self] = &[
+        Outcome::Ok,
+        Outcome::Exception,
+        Outcome::NoWorker,
+        Outcome::QueueFull,
+        Outcome::Stopping,
+        Outcome::QueueTimeout,
+        Outcome::Timeout,
+        Outcome::WorkerLost,
+        Outcome::Protocol,
+        Outcome::Cancelled,
+    ];
+    const DROPPED: Self = Outcome::Cancelled;
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Exception => "exception",
+            Outcome::NoWorker => "no_worker",
+            Outcome::QueueFull => "queue_full",
+            Outcome::Stopping => "stopping",
+            Outcome::QueueTimeout => "queue_timeout",
+            Outcome::Timeout => "timeout",
+            Outcome::WorkerLost => "worker_lost",
+            Outcome::Protocol => "protocol",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    fn is_error(self) -> bool {
+        self != Outcome::Ok
+    }
+}
+
+/// The label value of a [`Reject`] in `rpc_lb_rejected_requests_total`.
+fn reject_label(reject: Reject) -> &'static str {
+    match reject {
+        Reject::NoWorker => "no_worker",
+        Reject::QueueFull => "queue_full",
+        Reject::Stopping => "stopping",
+    }
+}
+
+/// The ZooKeeper registration counters, bumped by the registration task.
+#[derive(Debug, Clone)]
+pub struct RegistrationMetrics {
+    /// Node creations: the first, and each one after a session expiry.
+    pub registrations: IntCounter,
+    /// Sessions lost (expired) while registered.
+    pub expiries: IntCounter,
+    /// Registration attempts that failed.
+    pub failures: IntCounter,
+}
+
+/// What the LB is doing now, read when scraped.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every worker's load.
+    pub workers: Vec<WorkerLoad>,
+    /// Calls waiting for a worker.
+    pub queued: usize,
+    /// Proxy connections open.
+    pub client_connections: usize,
+    /// Whether the ZooKeeper node exists.
+    pub registered: bool,
+    /// Whether `POST /drain` put the LB in maintenance.
+    pub maintenance: bool,
+}
+
+// === impl LbMetrics ===
+
+/// Every metric of one LB, in its own registry.
+#[derive(Debug)]
+pub struct LbMetrics {
+    registry: Registry,
+    /// The call handles of the LB's service.
+    pub calls: &'static ServiceCalls,
+    rejected: [IntCounter; 3],
+    /// `rpc_lb_workers_joined_total`.
+    pub workers_joined: IntCounter,
+    /// `rpc_lb_workers_left_total`.
+    pub workers_left: IntCounter,
+    /// The registration counters.
+    pub registration: RegistrationMetrics,
+    workers: IntGaugeVec,
+    workers_busy: IntGauge,
+    slots: IntGauge,
+    slots_busy: IntGauge,
+    queue_depth: IntGauge,
+    client_connections: IntGauge,
+    registered: IntGauge,
+    maintenance: IntGauge,
+    /// Scrapes one at a time: each rewrites the snapshot gauges.
+    scrape: Mutex<()>,
+}
+
+impl LbMetrics {
+    /// A fresh registry with every LB metric (service label `service`) and the `process_*`
+    /// ones.
+    pub fn new(service: &str) -> Self {
+        let registry = m::registry();
+        m::register_build_info(&registry, PREFIX, env!("CARGO_PKG_VERSION"));
+        let calls = CallMetrics::<Outcome>::register(&registry, PREFIX).service(service);
+        let rejected = m::counter_vec(
+            &registry,
+            "rpc_lb_rejected_requests_total",
+            "Calls refused at once, by reason (no_worker, queue_full, stopping).",
+            &["service", "reason"],
+        );
+        let reject = |r| rejected.with_label_values(&[service, reject_label(r)]);
+        LbMetrics {
+            calls,
+            rejected: [
+                reject(Reject::NoWorker),
+                reject(Reject::QueueFull),
+                reject(Reject::Stopping),
+            ],
+            workers_joined: m::counter(
+                &registry,
+                "rpc_lb_workers_joined_total",
+                "Worker connections accepted.",
+            ),
+            workers_left: m::counter(
+                &registry,
+                "rpc_lb_workers_left_total",
+                "Worker connections closed.",
+            ),
+            registration: RegistrationMetrics {
+                registrations: m::counter(
+                    &registry,
+                    "rpc_lb_zookeeper_registrations_total",
+                    "Times the LB's ZooKeeper node was created (the first time and after each session expiry).",
+                ),
+                expiries: m::counter(
+                    &registry,
+                    "rpc_lb_zookeeper_session_expiries_total",
+                    "ZooKeeper sessions lost while registered (the node is gone until registered again).",
+                ),
+                failures: m::counter(
+                    &registry,
+                    "rpc_lb_zookeeper_registration_failures_total",
+                    "Registration attempts that failed (ZooKeeper unreachable, ...).",
+                ),
+            },
+            workers: m::gauge_vec(
+                &registry,
+                "rpc_lb_workers",
+                "Worker connections, by state (active: takes calls; stopping: sent STOP or told to stop).",
+                &["state"],
+            ),
+            workers_busy: m::gauge(
+                &registry,
+                "rpc_lb_workers_busy",
+                "Workers running at least one call.",
+            ),
+            slots: m::gauge(
+                &registry,
+                "rpc_lb_worker_slots",
+                "Calls the active workers can run at once (their capacity).",
+            ),
+            slots_busy: m::gauge(
+                &registry,
+                "rpc_lb_worker_slots_busy",
+                "Calls running on workers now.",
+            ),
+            queue_depth: m::gauge(
+                &registry,
+                "rpc_lb_queue_depth",
+                "Calls waiting for a free worker slot.",
+            ),
+            client_connections: m::gauge(
+                &registry,
+                "rpc_lb_client_connections",
+                "Proxy (front) connections open now.",
+            ),
+            registered: m::gauge(
+                &registry,
+                "rpc_lb_zookeeper_registered",
+                "1 while the LB's ZooKeeper node exists.",
+            ),
+            maintenance: m::gauge(
+                &registry,
+                "rpc_lb_maintenance",
+                "1 while drained by POST /drain (node deleted, calls still served).",
+            ),
+            scrape: Mutex::new(()),
+            registry,
+        }
+    }
+
+    /// Counts a call refused at once.
+    pub fn rejected(&self, reject: Reject) {
+        self.rejected[match reject {
+            Reject::NoWorker => 0,
+            Reject::QueueFull => 1,
+            Reject::Stopping => 2,
+        }]
+        .inc();
+    }
+
+    /// The Prometheus text of every metric, with the gauges set from `now`.
+    pub fn render(&self, now: &Snapshot) -> Vec<u8> {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        let active = now.workers.iter().filter(|w| w.active);
+        self.workers
+            .with_label_values(&["active"])
+            .set(active.clone().count() as i64);
+        self.workers
+            .with_label_values(&["stopping"])
+            .set(now.workers.iter().filter(|w| !w.active).count() as i64);
+        self.workers_busy
+            .set(now.workers.iter().filter(|w| w.inflight > 0).count() as i64);
+        self.slots
+            .set(active.map(|w| w.capacity).sum::<usize>() as i64);
+        self.slots_busy
+            .set(now.workers.iter().map(|w| w.inflight).sum::<usize>() as i64);
+        self.queue_depth.set(now.queued as i64);
+        self.client_connections.set(now.client_connections as i64);
+        self.registered.set(i64::from(now.registered));
+        self.maintenance.set(i64::from(now.maintenance));
+        m::render(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_sets_the_snapshot_gauges() {
+        let metrics = LbMetrics::new("echo");
+        metrics.rejected(Reject::QueueFull);
+        metrics.calls.start("echo").finish(Outcome::Ok);
+        let load = |id, inflight, capacity, active| WorkerLoad {
+            id,
+            inflight,
+            capacity,
+            active,
+        };
+        let text = String::from_utf8(metrics.render(&Snapshot {
+            workers: vec![
+                load(1, 2, 2, true),
+                load(2, 0, 4, true),
+                load(3, 1, 1, false),
+            ],
+            queued: 5,
+            client_connections: 2,
+            registered: true,
+            maintenance: false,
+        }))
+        .unwrap();
+        for line in [
+            r#"rpc_lb_workers{state="active"} 2"#,
+            r#"rpc_lb_workers{state="stopping"} 1"#,
+            "rpc_lb_workers_busy 2",
+            "rpc_lb_worker_slots 6",
+            "rpc_lb_worker_slots_busy 3",
+            "rpc_lb_queue_depth 5",
+            "rpc_lb_client_connections 2",
+            "rpc_lb_zookeeper_registered 1",
+            "rpc_lb_maintenance 0",
+            r#"rpc_lb_rejected_requests_total{reason="queue_full",service="echo"} 1"#,
+            r#"rpc_lb_rejected_requests_total{reason="no_worker",service="echo"} 0"#,
+            r#"rpc_lb_requests_total{method="echo",outcome="ok",service="echo"} 1"#,
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn outcome_indexes_match_their_place() {
+        use rpc_admin::Outcome as _;
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(outcome.index(), i);
+        }
+        assert_eq!(Outcome::from(Reject::Stopping).label(), "stopping");
+    }
+}

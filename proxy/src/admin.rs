@@ -1,0 +1,205 @@
+//! The proxy's admin routes (`admin_address`): `GET /healthz`, `GET /metrics` and
+//! `GET /status`. They read the routing table and the metrics; nothing here is on the call
+//! path.
+
+use std::sync::Arc;
+
+use rpc_admin::{Response, Routes};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::route::Router;
+
+/// Whether the proxy takes calls, as `/healthz` tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Before the first full read of ZooKeeper: calls are held (503).
+    Starting,
+    /// Routing calls (200).
+    Serving,
+    /// Draining after SIGTERM (503).
+    Stopping,
+}
+
+impl Health {
+    /// The health of a proxy whose stop starts with `shutdown`.
+    pub fn of(router: &Router, shutdown: &CancellationToken) -> Self {
+        if shutdown.is_cancelled() {
+            Health::Stopping
+        } else if router.is_synced() {
+            Health::Serving
+        } else {
+            Health::Starting
+        }
+    }
+
+    /// The word used in `/healthz` and `/status`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Health::Starting => "starting",
+            Health::Serving => "serving",
+            Health::Stopping => "stopping",
+        }
+    }
+
+    /// The `/healthz` answer.
+    pub fn response(self) -> Response {
+        let status = if self == Health::Serving { 200 } else { 503 };
+        Response::text(status, self.label())
+    }
+}
+
+/// The admin routes of a proxy whose stop starts with `shutdown`.
+pub fn routes(router: Arc<Router>, shutdown: CancellationToken) -> Routes {
+    let (health_router, health_stop) = (router.clone(), shutdown.clone());
+    let metrics_router = router.clone();
+    Routes::new()
+        .get("/healthz", move |_| {
+            Health::of(&health_router, &health_stop).response()
+        })
+        .get("/metrics", move |_| {
+            let text = metrics_router.metrics().render(&metrics_router);
+            Response::new(200, prometheus::TEXT_FORMAT, text)
+        })
+        .get("/status", move |_| {
+            Response::json(200, &status(&router, &shutdown))
+        })
+}
+
+/// The `/status` document: health, ZooKeeper, and the routing table with each endpoint's
+/// state and calls outstanding.
+pub fn status(router: &Router, shutdown: &CancellationToken) -> serde_json::Value {
+    let metrics = router.metrics();
+    let services: Vec<_> = router
+        .snapshot()
+        .iter()
+        .map(|service| {
+            let totals = service.calls.totals();
+            let endpoints: Vec<_> = service
+                .endpoints
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.label(),
+                        "state": e.state(),
+                        "outstanding": e.outstanding(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": service.name,
+                "endpoints": endpoints,
+                "inflight": service.calls.inflight(),
+                "calls": totals.calls,
+                "errors": totals.errors,
+            })
+        })
+        .collect();
+    let unknown = metrics.unknown().totals();
+    json!({
+        "binary": "rpc_proxy",
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "state": Health::of(router, shutdown).label(),
+        "synced": router.is_synced(),
+        "zookeeper": metrics.zk_state().label(),
+        "client_connections": metrics.client_connections.get(),
+        "unknown_service_calls": unknown.calls,
+        "services": services,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rpc_admin::Request;
+    use rpc_registry::{DiscoveryEvent, Endpoint, EndpointInfo};
+    use std::time::Duration;
+
+    use crate::upstream::UpstreamSettings;
+
+    fn router() -> Arc<Router> {
+        Arc::new(Router::new(Arc::new(UpstreamSettings {
+            request_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(6),
+            idle_timeout: Duration::from_secs(300),
+            max_pending: 100,
+            connections: 1,
+            max_frame_size: rpc_frame::DEFAULT_MAX_FRAME_SIZE,
+        })))
+    }
+
+    fn endpoints(service: &str, frontend: &str) -> DiscoveryEvent {
+        DiscoveryEvent::Endpoints {
+            service: service.into(),
+            endpoints: vec![Endpoint {
+                node: "n".into(),
+                info: EndpointInfo {
+                    service: service.into(),
+                    frontend: frontend.into(),
+                    ..Default::default()
+                },
+            }],
+        }
+    }
+
+    async fn get(routes: &Routes, path: &str) -> (u16, String) {
+        let r = routes.dispatch(&Request::new("GET", path)).await;
+        (r.status, String::from_utf8(r.body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn healthz_follows_sync_and_stop() {
+        let router = router();
+        let stop = CancellationToken::new();
+        let routes = routes(router.clone(), stop.clone());
+        assert_eq!(get(&routes, "/healthz").await, (503, "starting\n".into()));
+        router.apply(DiscoveryEvent::Synced);
+        assert_eq!(get(&routes, "/healthz").await, (200, "serving\n".into()));
+        stop.cancel();
+        assert_eq!(get(&routes, "/healthz").await, (503, "stopping\n".into()));
+    }
+
+    #[tokio::test]
+    async fn status_and_metrics_show_the_routing_table() {
+        let router = router();
+        router.apply(endpoints("echo", "127.0.0.1:1"));
+        router.apply(DiscoveryEvent::Synced);
+        router
+            .calls_for("echo")
+            .start("echo")
+            .finish(crate::metrics::Outcome::Ok);
+        let routes = routes(router.clone(), CancellationToken::new());
+        let (code, body) = get(&routes, "/status").await;
+        assert_eq!(code, 200);
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["state"], "serving");
+        assert_eq!(doc["zookeeper"], "connecting");
+        assert_eq!(doc["services"][0]["name"], "echo");
+        assert_eq!(doc["services"][0]["calls"], 1);
+        assert_eq!(
+            doc["services"][0]["endpoints"][0],
+            json!({"address": "127.0.0.1:1", "state": "idle", "outstanding": 0})
+        );
+        let (code, text) = get(&routes, "/metrics").await;
+        assert_eq!(code, 200);
+        for line in [
+            r#"rpc_proxy_upstream_endpoints{service="echo",state="idle"} 1"#,
+            r#"rpc_proxy_upstream_endpoints{service="echo",state="connected"} 0"#,
+            r#"rpc_proxy_requests_total{method="echo",outcome="ok",service="echo"} 1"#,
+            "rpc_proxy_services 1",
+            "rpc_proxy_routing_table_synced 1",
+            "process_open_fds",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        // A service that leaves the table leaves the endpoint gauges too.
+        router.apply(DiscoveryEvent::ServiceRemoved {
+            service: "echo".into(),
+        });
+        let (_, text) = get(&routes, "/metrics").await;
+        assert!(!text.contains("rpc_proxy_upstream_endpoints{"), "{text}");
+    }
+}
