@@ -546,9 +546,19 @@ pub fn exercise(data: &[u8]) {
             }
             Err(_) => return,
         };
-        assert_eq!(frame.len(), before - buf.len(), "the frame is cut off the front");
-        let Ok(mut message) = Message::parse(frame) else { continue };
-        let (kind, seqid, body) = (message.message_type(), message.seqid(), message.body().to_vec());
+        assert_eq!(
+            frame.len(),
+            before - buf.len(),
+            "the frame is cut off the front"
+        );
+        let Ok(mut message) = Message::parse(frame) else {
+            continue;
+        };
+        let (kind, seqid, body) = (
+            message.message_type(),
+            message.seqid(),
+            message.body().to_vec(),
+        );
         let method = message.method().to_owned();
         let _ = parse_application_exception(message.body());
         let _ = Hello::decode(message.body());
