@@ -9,20 +9,86 @@
 //! more work).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::BytesMut;
 use rpc_frame::{ExceptionCode, Message};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::metrics::{Meter, Outcome};
+
+/// A front connection's reply queue. The bytes queued and not yet written are counted, so
+/// the connection stops reading from a peer that does not read its replies (memory stays
+/// bounded by [`FRONT_BACKLOG_LIMIT`] plus one read).
+#[derive(Debug, Clone)]
+pub struct FrontTx {
+    tx: mpsc::UnboundedSender<BytesMut>,
+    backlog: Arc<Backlog>,
+}
+
+/// Bytes of replies a front connection may have queued before it stops reading.
+pub const FRONT_BACKLOG_LIMIT: usize = 8 << 20;
+
+/// The unwritten bytes of one front connection.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    bytes: AtomicUsize,
+    drained: Notify,
+}
+
+impl FrontTx {
+    /// A new queue: the sender, the writer's receiver, and the shared byte count.
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<BytesMut>, Arc<Backlog>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::default());
+        (
+            FrontTx {
+                tx,
+                backlog: backlog.clone(),
+            },
+            rx,
+            backlog,
+        )
+    }
+
+    /// Queues a frame for the writer (a closed connection drops it).
+    pub fn send(&self, frame: BytesMut) {
+        let len = frame.len();
+        self.backlog.bytes.fetch_add(len, Ordering::AcqRel);
+        if self.tx.send(frame).is_err() {
+            self.backlog.written(len);
+        }
+    }
+}
+
+impl Backlog {
+    /// The writer wrote `len` bytes.
+    pub fn written(&self, len: usize) {
+        let before = self.bytes.fetch_sub(len, Ordering::AcqRel);
+        if before >= FRONT_BACKLOG_LIMIT && before - len < FRONT_BACKLOG_LIMIT {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Waits until fewer than [`FRONT_BACKLOG_LIMIT`] bytes are queued.
+    pub async fn wait_room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            if self.bytes.load(Ordering::Acquire) < FRONT_BACKLOG_LIMIT {
+                return;
+            }
+            drained.await;
+        }
+    }
+}
 
 /// Where a call's reply goes: the proxy connection it came from, with the proxy's seqid.
 #[derive(Debug, Clone)]
 pub struct ReplyTo {
     /// The front connection's writer.
-    pub tx: mpsc::UnboundedSender<BytesMut>,
+    pub tx: FrontTx,
     /// The seqid the proxy used.
     pub seqid: i32,
 }
@@ -30,7 +96,7 @@ pub struct ReplyTo {
 impl ReplyTo {
     /// Sends a reply frame (a closed front connection drops it).
     pub fn send(&self, frame: BytesMut) {
-        let _ = self.tx.send(frame);
+        self.tx.send(frame);
     }
 
     /// Sends a `TApplicationException` for `method`.

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Call, Dispatcher, Reject, ReplyTo};
+use crate::dispatch::{Backlog, Call, Dispatcher, FrontTx, Reject, ReplyTo};
 use crate::metrics::{LbMetrics, Outcome, UNKNOWN};
 
 /// Tunables of front connections.
@@ -98,15 +98,19 @@ pub async fn serve<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     activity.connections.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::unbounded_channel::<BytesMut>();
-    let writing = tokio::spawn(write_loop(writer, rx));
+    let (tx, rx, backlog) = FrontTx::channel();
+    let writing = tokio::spawn(write_loop(writer, rx, backlog.clone()));
     let mut buf = BytesMut::new();
     loop {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
         }
+        // A peer that does not read its replies is not read either.
         let read = tokio::select! {
-            read = reader.read_buf(&mut buf) => read,
+            read = async {
+                backlog.wait_room().await;
+                reader.read_buf(&mut buf).await
+            } => read,
             _ = close.cancelled() => break,
         };
         match read {
@@ -127,7 +131,7 @@ pub async fn serve<R, W>(
 /// Handles every whole frame in `buf`; false when the stream cannot be framed any more.
 fn take_frames(
     buf: &mut BytesMut,
-    tx: &mpsc::UnboundedSender<BytesMut>,
+    tx: &FrontTx,
     dispatcher: &Dispatcher,
     settings: &FrontSettings,
     activity: &Activity,
@@ -139,7 +143,7 @@ fn take_frames(
             Err(e) => {
                 settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
                 let text = format!("bad frame: {e}");
-                let _ = tx.send(rpc_frame::application_exception(
+                tx.send(rpc_frame::application_exception(
                     "",
                     0,
                     ExceptionCode::ProtocolError,
@@ -153,7 +157,7 @@ fn take_frames(
             Err((_, e)) => {
                 settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
                 let text = format!("malformed message header: {e}");
-                let _ = tx.send(rpc_frame::application_exception(
+                tx.send(rpc_frame::application_exception(
                     "",
                     0,
                     ExceptionCode::ProtocolError,
@@ -165,14 +169,14 @@ fn take_frames(
         let seqid = message.seqid();
         match message.message_type() {
             MessageType::Heartbeat => {
-                let _ = tx.send(message.into_wire());
+                tx.send(message.into_wire());
                 continue;
             }
             MessageType::Call | MessageType::Oneway => {}
             other => {
                 settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
                 let text = format!("message type {} is not a call", other.as_u8());
-                let _ = tx.send(rpc_frame::application_exception(
+                tx.send(rpc_frame::application_exception(
                     message.method(),
                     seqid,
                     ExceptionCode::ProtocolError,
@@ -200,8 +204,11 @@ fn take_frames(
     }
 }
 
-async fn write_loop<W>(mut writer: W, mut rx: mpsc::UnboundedReceiver<BytesMut>)
-where
+async fn write_loop<W>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<BytesMut>,
+    backlog: Arc<Backlog>,
+) where
     W: AsyncWrite + Unpin,
 {
     let mut batch = Vec::with_capacity(64);
@@ -212,6 +219,7 @@ where
                 if writer.write_all(&frame).await.is_err() {
                     return;
                 }
+                backlog.written(frame.len());
             } else {
                 buf.extend_from_slice(&frame);
             }
@@ -220,6 +228,7 @@ where
             if writer.write_all(&buf).await.is_err() {
                 return;
             }
+            backlog.written(buf.len());
             buf.clear();
         }
     }

@@ -160,6 +160,7 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         activity.clone(),
         stop_accepting.clone(),
         close_front.clone(),
+        config.max_connections,
     ));
     let back_accept = tokio::spawn(accept_workers(
         back,
@@ -263,6 +264,8 @@ async fn expire_queue(dispatcher: Arc<Dispatcher>, service: String) {
     }
 }
 
+// One task's whole wiring, passed once at start-up; a struct would only rename it.
+#[allow(clippy::too_many_arguments)]
 async fn accept_front(
     listener: Listener,
     tracker: TaskTracker,
@@ -271,7 +274,11 @@ async fn accept_front(
     activity: Arc<Activity>,
     stop: CancellationToken,
     close: CancellationToken,
+    max_connections: usize,
 ) {
+    // Proxies beyond `max_connections` are closed at once (logged once per episode).
+    let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut warned = false;
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -284,6 +291,18 @@ async fn accept_front(
                 }
             },
         };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            if !warned {
+                tracing::warn!(
+                    max_connections,
+                    "max_connections reached, refusing front connections"
+                );
+                warned = true;
+            }
+            drop(stream);
+            continue;
+        };
+        warned = false;
         let (dispatcher, settings, activity, close) = (
             dispatcher.clone(),
             settings.clone(),
@@ -291,6 +310,7 @@ async fn accept_front(
             close.clone(),
         );
         tracker.spawn(async move {
+            let _permit = permit;
             match stream {
                 Stream::Unix(s) => {
                     let (r, w) = s.into_split();
