@@ -33,6 +33,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "connect_timeout_ms",
     "client_idle_timeout_ms",
     "startup_hold_ms",
+    "worker_threads",
     // LB only.
     "service",
     "front_host",

@@ -145,6 +145,10 @@ pub struct ProxyConfig {
     pub drain_grace: Duration,
     /// `max_connections` (`20000`, NEW): client connections beyond this are closed at once.
     pub max_connections: usize,
+    /// `worker_threads` (`1`, NEW): runtime threads of the proxy; `0` = one per CPU. One
+    /// thread keeps each call on one core (no cross-thread wakeups): the cheapest per call
+    /// for a sidecar.
+    pub worker_threads: usize,
     /// `max_inflight_per_connection` (`1024`, NEW): pipelined calls beyond this on one client
     /// connection get a code-6 error at once.
     pub max_inflight_per_connection: usize,
@@ -325,6 +329,18 @@ fn zk_auth(values: &Values) -> Result<Option<String>, ConfigError> {
     }
 }
 
+/// `worker_threads`: `0` (one per CPU) to 1024, default 1.
+fn worker_threads(values: &Values) -> Result<usize, ConfigError> {
+    match values.text("worker_threads") {
+        None => Ok(1),
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n <= 1024)
+            .ok_or_else(|| invalid("worker_threads", &text, "expected 0 (one per CPU) to 1024")),
+    }
+}
+
 // === impl ProxyConfig ===
 
 impl ProxyConfig {
@@ -360,6 +376,7 @@ impl ProxyConfig {
             )?,
             drain_grace: values.millis("drain_grace_ms", DEFAULT_PROXY_DRAIN_GRACE_MS, true)?,
             max_connections: values.count("max_connections", DEFAULT_MAX_CONNECTIONS)?,
+            worker_threads: worker_threads(values)?,
             max_inflight_per_connection: values.count(
                 "max_inflight_per_connection",
                 DEFAULT_MAX_INFLIGHT_PER_CONNECTION,
@@ -493,6 +510,7 @@ mod tests {
             request_timeout: ms(15_000),
             drain_grace: ms(10_000),
             max_connections: 20_000,
+            worker_threads: 1,
             max_inflight_per_connection: 1024,
             max_pending_per_endpoint: 8192,
             upstream_connections: 1,
