@@ -736,9 +736,9 @@ fn markdown(r: &Results, settings: &Settings, missing: &[String]) -> String {
         ],
     ));
     md.push_str(
-        "\n`rpc_proxy, 1 tokio thread` is the same binary and config started with \
-         `TOKIO_WORKER_THREADS=1` (tokio's default runtime builder reads it): an experiment, not a \
-         supported setting. Reference: the Go original proxy, measured the same way, reached 0.38x \
+        "\n`rpc_proxy` runs its default `worker_threads=1` (a current-thread runtime); \
+         `rpc_proxy, worker_threads=2` is the same binary with two runtime threads, for \
+         comparison. Reference: the Go original proxy, measured the same way, reached 0.38x \
          direct at 14.4 us of CPU per call (64 in flight).\n",
     );
     md.push_str(

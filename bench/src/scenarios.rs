@@ -54,8 +54,8 @@ pub mod names {
     pub const HAPROXY: &str = "haproxy (mode tcp)";
     /// Through rpc_proxy.
     pub const PROXY: &str = "rpc_proxy";
-    /// Through rpc_proxy with a one-thread tokio runtime (`TOKIO_WORKER_THREADS=1`).
-    pub const PROXY_1T: &str = "rpc_proxy, 1 tokio thread";
+    /// Through rpc_proxy with two runtime threads (`worker_threads=2`; the default is 1).
+    pub const PROXY_MT: &str = "rpc_proxy, worker_threads=2";
     /// The pinned case of scenario 1.
     pub const PINNED_CASE: &str = "1 in flight, all pinned to one CPU";
     /// Scenario 3: the LB and its workers.
@@ -125,8 +125,8 @@ struct Hops {
     proxy: Proc,
     proxy_sock: PathBuf,
     /// The same proxy binary on a one-thread runtime (scenario 1 only).
-    proxy_1t: Proc,
-    proxy_1t_sock: PathBuf,
+    proxy_mt: Proc,
+    proxy_mt_sock: PathBuf,
 }
 
 /// One path of scenario 1 and 2.
@@ -166,13 +166,13 @@ impl Hops {
         all
     }
 
-    /// [`Hops::targets`] plus the one-thread proxy.
-    fn targets_1t(&self) -> Vec<HopTarget> {
+    /// [`Hops::targets`] plus the two-thread proxy.
+    fn targets_mt(&self) -> Vec<HopTarget> {
         let mut all = self.targets();
         all.push(HopTarget {
-            label: PROXY_1T,
-            socket: self.proxy_1t_sock.clone(),
-            hop: Some(self.proxy_1t.pid()),
+            label: PROXY_MT,
+            socket: self.proxy_mt_sock.clone(),
+            hop: Some(self.proxy_mt.pid()),
         });
         all
     }
@@ -330,9 +330,9 @@ impl Bench {
                 h.proxy_sock.display()
             ));
             lines.push(format!(
-                "rpc_proxy (1t) pid {:>7}  {} (TOKIO_WORKER_THREADS=1)",
-                h.proxy_1t.pid(),
-                h.proxy_1t_sock.display()
+                "rpc_proxy (mt) pid {:>7}  {} (worker_threads=2)",
+                h.proxy_mt.pid(),
+                h.proxy_mt_sock.display()
             ));
         }
         if let Some(py) = &self.py {
@@ -400,16 +400,15 @@ impl Bench {
         let config = systems::proxy_config(&self.zk_servers, PRODUCT, &proxy_sock, &[]);
         let mut proxy = systems::proxy(&self.bins, &dir, "rpc_proxy", &config)?;
         wait_ready(&mut proxy, &proxy_sock, ECHO, READY_TIMEOUT).await?;
-        let proxy_1t_sock = dir.join("proxy_1t.sock");
-        let config = systems::proxy_config(&self.zk_servers, PRODUCT, &proxy_1t_sock, &[]);
-        let mut proxy_1t = systems::proxy_with_env(
-            &self.bins,
-            &dir,
-            "rpc_proxy-1t",
-            &config,
-            &[("TOKIO_WORKER_THREADS", "1")],
-        )?;
-        wait_ready(&mut proxy_1t, &proxy_1t_sock, ECHO, READY_TIMEOUT).await?;
+        let proxy_mt_sock = dir.join("proxy_mt.sock");
+        let config = systems::proxy_config(
+            &self.zk_servers,
+            PRODUCT,
+            &proxy_mt_sock,
+            &[("worker_threads", "2")],
+        );
+        let mut proxy_mt = systems::proxy(&self.bins, &dir, "rpc_proxy-mt", &config)?;
+        wait_ready(&mut proxy_mt, &proxy_mt_sock, ECHO, READY_TIMEOUT).await?;
         Ok(Hops {
             echo,
             echo_sock,
@@ -419,8 +418,8 @@ impl Bench {
             haproxy_sock,
             proxy,
             proxy_sock,
-            proxy_1t,
-            proxy_1t_sock,
+            proxy_mt,
+            proxy_mt_sock,
         })
     }
 
@@ -663,7 +662,7 @@ impl Bench {
 
     async fn scenario1(&mut self, round: usize) {
         let Some(hops) = &self.hops else { return };
-        let mut targets = hops.targets_1t();
+        let mut targets = hops.targets_mt();
         let echo_pid = hops.echo.pid();
         rotate(&mut targets, round);
         for inflight in [1usize, 64] {
@@ -692,7 +691,7 @@ impl Bench {
 
     async fn scenario1_pinned(&mut self, round: usize) {
         let Some(hops) = &self.hops else { return };
-        let mut targets = hops.targets_1t();
+        let mut targets = hops.targets_mt();
         rotate(&mut targets, round);
         let echo_pid = hops.echo.pid();
         let mut pids = vec![std::process::id(), echo_pid];

@@ -152,24 +152,10 @@ pub fn proxy_config(zk: &str, product: &str, socket: &Path, extra: &[(&str, &str
 /// # Errors
 /// When it cannot be started.
 pub fn proxy(bins: &Bins, dir: &Path, name: &str, config: &str) -> anyhow::Result<Proc> {
-    proxy_with_env(bins, dir, name, config, &[])
-}
-
-/// [`proxy`] with extra environment variables (e.g. `TOKIO_WORKER_THREADS`).
-///
-/// # Errors
-/// When it cannot be started.
-pub fn proxy_with_env(
-    bins: &Bins,
-    dir: &Path,
-    name: &str,
-    config: &str,
-    env: &[(&str, &str)],
-) -> anyhow::Result<Proc> {
     let ini = dir.join(format!("{name}.ini"));
     std::fs::write(&ini, config).context("write proxy config")?;
     let mut cmd = Command::new(&bins.proxy);
-    cmd.arg("-c").arg(&ini).envs(env.iter().copied());
+    cmd.arg("-c").arg(&ini);
     Proc::spawn(name, cmd, &["routing table complete"])
 }
 

@@ -68,18 +68,7 @@ fn main() -> ExitCode {
     for warning in &warnings {
         tracing::warn!(key = warning.key, "{}", warning.message);
     }
-    // worker_threads=1 (the default) runs everything on one thread: no cross-thread wakeups
-    // per call (measured: about 30 % less CPU per call than two threads on 2 cores).
-    let mut builder = match config.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n);
-            builder
-        }
-    };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match rpc_runtime::build_runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rpc_proxy: cannot start runtime: {e}");

@@ -10,7 +10,7 @@
 //! [`Failure::NotSent`] with its message, so the caller can safely try another endpoint.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,13 +90,13 @@ pub struct Endpoint {
     draining: AtomicBool,
     slots: Mutex<Vec<Option<Arc<Conn>>>>,
     next_slot: AtomicUsize,
-    backoff: Mutex<Backoff>,
-}
-
-#[derive(Debug, Default)]
-struct Backoff {
-    until: Option<Instant>,
-    failures: u32,
+    /// When the endpoint was created: the origin of `backoff_until_ms`.
+    created: Instant,
+    /// End of the reconnect backoff in ms after `created`; 0 = not in backoff. Read on every
+    /// call (an atomic, not a lock); written only when a connection fails or succeeds.
+    backoff_until_ms: AtomicU64,
+    /// Connection failures in a row (sets the next backoff).
+    failures: AtomicU32,
 }
 
 impl Endpoint {
@@ -111,7 +111,9 @@ impl Endpoint {
             draining: AtomicBool::new(false),
             slots: Mutex::new(slots),
             next_slot: AtomicUsize::new(0),
-            backoff: Mutex::new(Backoff::default()),
+            created: Instant::now(),
+            backoff_until_ms: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
         })
     }
 
@@ -132,8 +134,14 @@ impl Endpoint {
 
     /// Whether a call routed here now would be refused for backoff.
     pub fn in_backoff(&self) -> bool {
-        let backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        backoff.until.is_some_and(|until| Instant::now() < until)
+        match self.backoff_until_ms.load(Ordering::Relaxed) {
+            0 => false,
+            until => self.elapsed_ms() < until,
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Whether the endpoint has been removed and is draining.
@@ -226,18 +234,20 @@ impl Endpoint {
     }
 
     fn note_connected(&self) {
-        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        *backoff = Backoff::default();
+        self.failures.store(0, Ordering::Relaxed);
+        self.backoff_until_ms.store(0, Ordering::Relaxed);
     }
 
     /// Starts (or extends) reconnect backoff: 100 ms doubling to 5 s, jittered +-50 %.
     fn note_failure(&self) {
-        let mut backoff = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        let base = Duration::from_millis(100).saturating_mul(1 << backoff.failures.min(6));
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed);
+        let base = Duration::from_millis(100).saturating_mul(1 << failures.min(6));
         let base = base.min(Duration::from_secs(5));
         let jitter = rand::rng().random_range(0.5..1.5);
-        backoff.until = Some(Instant::now() + base.mul_f64(jitter));
-        backoff.failures = backoff.failures.saturating_add(1);
+        let delay = u64::try_from(base.mul_f64(jitter).as_millis()).unwrap_or(u64::MAX);
+        // At least 1: 0 means "not in backoff".
+        let until = self.elapsed_ms().saturating_add(delay).max(1);
+        self.backoff_until_ms.store(until, Ordering::Relaxed);
     }
 }
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from io import BytesIO
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
@@ -130,22 +131,40 @@ def _name_internal_error(reply: bytes, exc: BaseException) -> bytes:
     return named
 
 
+class _Codec(threading.local):
+    """One pool thread's transports and protocols, reused for every call it runs.
+
+    Building two ``TMemoryBuffer`` and two protocol objects per call costs about as much as a
+    trivial handler; a pool thread runs one call at a time, so it keeps one set and only swaps
+    the byte buffers under them.
+    """
+
+    def __init__(self) -> None:
+        self.inbound = TMemoryBuffer()
+        self.iprot = binary_protocol(self.inbound)
+        self.outbound = TMemoryBuffer()
+        self.oprot = binary_protocol(self.outbound)
+
+
 class _Dispatcher:
     """Runs one call: ``payload`` (a message without frame length) in, reply message out."""
 
-    __slots__ = ("_processor",)
+    __slots__ = ("_processor", "_codec")
 
     def __init__(self, processor: Any) -> None:
         self._processor = processor
+        self._codec = _Codec()
         _install_error_capture()
 
     def __call__(self, payload: bytes) -> bytes:
-        iprot = binary_protocol(TMemoryBuffer(payload))
-        out = TMemoryBuffer()
-        oprot = binary_protocol(out)
+        codec = self._codec
+        # TMemoryBuffer keeps its bytes in `_buffer` (a BytesIO), which is also what the C
+        # codec reads through `cstringio_buf`; fresh ones per call, same objects around them.
+        codec.inbound._buffer = BytesIO(payload)
+        out = codec.outbound._buffer = BytesIO()
         caught = _handler_errors.begin()
         try:
-            self._processor.process(iprot, oprot)
+            self._processor.process(codec.iprot, codec.oprot)
         except Exception:
             # The core answers a CALL with TApplicationException(6, "Type: message").
             logger.exception("the processor raised")
