@@ -2,9 +2,23 @@
 //! handed to the dispatcher and its reply written back when the worker answers, in
 //! completion order (proxies match replies by seqid). Pings are echoed at once. Sits between
 //! the proxies' sockets and the [`Dispatcher`].
+//!
+//! # Deadlines
+//! - A frame once started (any byte of its length or body read) must be complete within
+//!   [`FrontSettings::frame_timeout`] ([`FRAME_TIMEOUT`], 30 s): a peer dripping bytes is
+//!   closed, while a large frame arriving steadily is fine. Time the LB itself spends not
+//!   reading (the peer does not read its replies) does not count.
+//! - A connection with no call in flight and no frame read or reply written for
+//!   [`FrontSettings::idle_timeout`] (`front_idle_timeout_ms`) is closed. Pings count as
+//!   frames, so a proxy, which pings idle connections every second, is never cut.
+//!
+//! Closing stops the reading only: replies still owed are written first.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -25,9 +39,18 @@ pub struct FrontSettings {
     pub max_frame_size: usize,
     /// The LB's request timeout (a little less than the proxy's).
     pub request_timeout: Duration,
+    /// A frame once started must be complete within this (module docs).
+    pub frame_timeout: Duration,
+    /// Close a connection with no call in flight and no frame either way this long; `None`:
+    /// never.
+    pub idle_timeout: Option<Duration>,
     /// Where calls are counted.
     pub metrics: Arc<LbMetrics>,
 }
+
+/// The default of [`FrontSettings::frame_timeout`]: twice the default request timeout, and
+/// enough for a 16 MB frame at 0.5 MB/s. The proxy bounds its clients' frames alike.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Front activity, read by the graceful stop to see when proxies have gone quiet.
 #[derive(Debug)]
@@ -85,7 +108,105 @@ pub fn reject(call: Call, reject: Reject, service: &str, metrics: &LbMetrics) {
     call.fail(service, Outcome::from(reject), &text);
 }
 
-/// Serves one proxy connection until it closes or `close` fires (after the drain).
+/// What the reader and the writer of one front connection share, for the idle timeout.
+#[derive(Debug)]
+struct Flow {
+    epoch: tokio::time::Instant,
+    /// Frames owed to the peer: replies to calls in flight, echoes and errors, counted from
+    /// the frame that asks for them until they are written.
+    owed: AtomicUsize,
+    /// When the writer last wrote, in ms since `epoch`.
+    last_write_ms: AtomicU64,
+}
+
+impl Flow {
+    fn new() -> Self {
+        Flow {
+            epoch: tokio::time::Instant::now(),
+            owed: AtomicUsize::new(0),
+            last_write_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// One more frame will be queued for the peer.
+    fn owe(&self) {
+        self.owed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The writer wrote `frames` frames.
+    fn wrote(&self, frames: usize) {
+        self.last_write_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.owed.fetch_sub(frames, Ordering::AcqRel);
+    }
+
+    fn last_write(&self) -> tokio::time::Instant {
+        self.epoch + Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Why the reading side of a front connection stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// EOF, an error, a bad frame, or the LB closed it.
+    Done,
+    /// A frame was started and not finished within the frame timeout.
+    FrameTimeout,
+    /// Nothing in flight and no frame either way for the idle timeout.
+    Idle,
+}
+
+/// The read side's clocks: when the incomplete frame in the buffer started, and the last
+/// read.
+struct Clocks {
+    frame_started: Option<tokio::time::Instant>,
+    last_read: tokio::time::Instant,
+}
+
+impl Clocks {
+    /// The earliest deadline to check, if any; `now` serves when calls are in flight (the
+    /// idle clock is looked at again an idle timeout later).
+    fn next(
+        &self,
+        settings: &FrontSettings,
+        flow: &Flow,
+        now: tokio::time::Instant,
+    ) -> Option<tokio::time::Instant> {
+        let frame = self.frame_started.map(|at| at + settings.frame_timeout);
+        let idle = settings.idle_timeout.map(|idle| {
+            if flow.owed.load(Ordering::Acquire) > 0 {
+                now + idle
+            } else {
+                self.last_read.max(flow.last_write()) + idle
+            }
+        });
+        match (frame, idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Which deadline has passed at `now`, if any.
+    fn expired(
+        &self,
+        settings: &FrontSettings,
+        flow: &Flow,
+        now: tokio::time::Instant,
+    ) -> Option<Stop> {
+        if self
+            .frame_started
+            .is_some_and(|at| now >= at + settings.frame_timeout)
+        {
+            return Some(Stop::FrameTimeout);
+        }
+        let idle = settings.idle_timeout?;
+        let quiet_since = self.last_read.max(flow.last_write());
+        (flow.owed.load(Ordering::Acquire) == 0 && now >= quiet_since + idle).then_some(Stop::Idle)
+    }
+}
+
+/// Serves one proxy connection until it closes, breaks a deadline (module docs) or `close`
+/// fires (after the drain).
 pub async fn serve<R, W>(
     mut reader: R,
     writer: W,
@@ -99,27 +220,90 @@ pub async fn serve<R, W>(
 {
     activity.connections.fetch_add(1, Ordering::Relaxed);
     let (tx, rx, backlog) = FrontTx::channel();
-    let writing = tokio::spawn(write_loop(writer, rx, backlog.clone()));
+    let flow = Arc::new(Flow::new());
+    let writing = tokio::spawn(write_loop(writer, rx, backlog.clone(), flow.clone()));
     let mut buf = BytesMut::new();
-    loop {
+    let mut clocks = Clocks {
+        frame_started: None,
+        last_read: tokio::time::Instant::now(),
+    };
+    // One timer, moved only when it fires or an earlier deadline appears.
+    let start = clocks.last_read;
+    let mut armed = clocks.next(&settings, &flow, start);
+    let mut timer = pin!(tokio::time::sleep_until(armed.unwrap_or(start)));
+    let stop = loop {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
         }
-        // A peer that does not read its replies is not read either.
+        // A peer that does not read its replies is not read either; that time is not held
+        // against its deadlines.
+        let mut room = pin!(backlog.wait_room());
+        let full =
+            std::future::poll_fn(|cx| Poll::Ready(room.as_mut().poll(cx).is_pending())).await;
+        if full {
+            tokio::select! {
+                _ = room => {}
+                _ = close.cancelled() => break Stop::Done,
+            }
+            let now = tokio::time::Instant::now();
+            clocks.last_read = now;
+            clocks.frame_started = clocks.frame_started.map(|_| now);
+        }
         let read = tokio::select! {
-            read = async {
-                backlog.wait_room().await;
-                reader.read_buf(&mut buf).await
-            } => read,
-            _ = close.cancelled() => break,
+            read = reader.read_buf(&mut buf) => read,
+            _ = close.cancelled() => break Stop::Done,
+            () = &mut timer, if armed.is_some() => {
+                let now = tokio::time::Instant::now();
+                if let Some(stop) = clocks.expired(&settings, &flow, now) {
+                    break stop;
+                }
+                armed = clocks.next(&settings, &flow, now);
+                if let Some(at) = armed {
+                    timer.as_mut().reset(at);
+                }
+                continue;
+            }
         };
         match read {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => break Stop::Done,
             Ok(_) => {}
         }
-        if !take_frames(&mut buf, &tx, &dispatcher, &settings, &activity) {
-            break;
+        let now = tokio::time::Instant::now();
+        clocks.last_read = now;
+        let before = buf.len();
+        if !take_frames(&mut buf, &tx, &dispatcher, &settings, &activity, &flow) {
+            break Stop::Done;
         }
+        if buf.is_empty() {
+            clocks.frame_started = None;
+        } else if clocks.frame_started.is_none() || buf.len() < before {
+            // What is left began in this read (a whole frame was taken, or none was pending).
+            clocks.frame_started = Some(now);
+            let deadline = now + settings.frame_timeout;
+            if armed.is_none_or(|at| deadline < at) {
+                armed = Some(deadline);
+                timer.as_mut().reset(deadline);
+            }
+        }
+        if armed.is_none() {
+            armed = clocks.next(&settings, &flow, now);
+            if let Some(at) = armed {
+                timer.as_mut().reset(at);
+            }
+        }
+    };
+    match stop {
+        Stop::Done => {}
+        Stop::FrameTimeout => tracing::info!(
+            service = settings.service,
+            bytes = buf.len(),
+            timeout_ms = settings.frame_timeout.as_millis() as u64,
+            "front connection closed: a frame was not completed within the frame timeout"
+        ),
+        Stop::Idle => tracing::debug!(
+            service = settings.service,
+            "idle front connection closed (nothing in flight, no frame)"
+        ),
     }
     drop(tx);
     // Replies still owed hold senders (in the dispatcher and worker connections); the writer
@@ -135,6 +319,7 @@ fn take_frames(
     dispatcher: &Dispatcher,
     settings: &FrontSettings,
     activity: &Activity,
+    flow: &Flow,
 ) -> bool {
     loop {
         let frame = match rpc_frame::decode_frame(buf, settings.max_frame_size) {
@@ -143,6 +328,7 @@ fn take_frames(
             Err(e) => {
                 settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
                 let text = format!("bad frame: {e}");
+                flow.owe();
                 tx.send(rpc_frame::application_exception(
                     "",
                     0,
@@ -154,12 +340,16 @@ fn take_frames(
         };
         let mut message = match Message::parse(frame) {
             Ok(m) => m,
-            Err((_, e)) => {
+            Err((frame, e)) => {
                 settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
+                // The caller's seqid where it can still be read, as the proxy does.
+                let (name, seqid) =
+                    rpc_frame::salvage_name_and_seqid(&frame, &e).unwrap_or_default();
                 let text = format!("malformed message header: {e}");
+                flow.owe();
                 tx.send(rpc_frame::application_exception(
-                    "",
-                    0,
+                    &name,
+                    seqid,
                     ExceptionCode::ProtocolError,
                     &text,
                 ));
@@ -169,6 +359,7 @@ fn take_frames(
         let seqid = message.seqid();
         match message.message_type() {
             MessageType::Heartbeat => {
+                flow.owe();
                 tx.send(message.into_wire());
                 continue;
             }
@@ -176,6 +367,7 @@ fn take_frames(
             other => {
                 settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
                 let text = format!("message type {} is not a call", other.as_u8());
+                flow.owe();
                 tx.send(rpc_frame::application_exception(
                     message.method(),
                     seqid,
@@ -187,9 +379,13 @@ fn take_frames(
         }
         activity.note_call();
         message.strip_service();
-        let reply = (message.message_type() == MessageType::Call).then(|| ReplyTo {
-            tx: tx.clone(),
-            seqid,
+        let reply = (message.message_type() == MessageType::Call).then(|| {
+            // Exactly one frame answers a call: its reply or an error.
+            flow.owe();
+            ReplyTo {
+                tx: tx.clone(),
+                seqid,
+            }
         });
         let now = Instant::now();
         let call = Call {
@@ -208,12 +404,14 @@ async fn write_loop<W>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<BytesMut>,
     backlog: Arc<Backlog>,
+    flow: Arc<Flow>,
 ) where
     W: AsyncWrite + Unpin,
 {
     let mut batch = Vec::with_capacity(64);
     let mut buf = BytesMut::new();
     while rx.recv_many(&mut batch, 256).await > 0 {
+        let frames = batch.len();
         for frame in batch.drain(..) {
             if buf.is_empty() && frame.len() > 64 * 1024 {
                 if writer.write_all(&frame).await.is_err() {
@@ -231,6 +429,7 @@ async fn write_loop<W>(
             backlog.written(buf.len());
             buf.clear();
         }
+        flow.wrote(frames);
     }
     let _ = writer.shutdown().await;
 }

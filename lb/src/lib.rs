@@ -108,6 +108,8 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         service: config.service.clone(),
         max_frame_size: config.common.max_frame_size,
         request_timeout,
+        frame_timeout: front::FRAME_TIMEOUT,
+        idle_timeout: config.front_idle_timeout,
         metrics: metrics.clone(),
     });
     let worker_settings = Arc::new(WorkerSettings {

@@ -93,10 +93,7 @@ fn main() -> ExitCode {
         hostname: rpc_lb::address::hostname(),
         start_time: rpc_registry::now_start_time(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match rpc_runtime::build_runtime(config.common.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rpc_lb: cannot start runtime: {e}");

@@ -182,7 +182,7 @@ impl LbMetrics {
             workers_joined: m::counter(
                 &registry,
                 "rpc_lb_workers_joined_total",
-                "Worker connections accepted.",
+                "Back connections that proved to be workers (HELLO or a ping echo).",
             ),
             workers_left: m::counter(
                 &registry,

@@ -114,20 +114,13 @@ mod tests {
     use super::*;
     use rpc_admin::Request;
     use rpc_registry::{DiscoveryEvent, Endpoint, EndpointInfo};
-    use std::time::Duration;
 
     use crate::upstream::UpstreamSettings;
 
     fn router() -> Arc<Router> {
         Arc::new(Router::new(Arc::new(UpstreamSettings {
-            request_timeout: Duration::from_secs(15),
-            connect_timeout: Duration::from_secs(1),
-            heartbeat_interval: Duration::from_secs(1),
-            heartbeat_timeout: Duration::from_secs(6),
-            idle_timeout: Duration::from_secs(300),
             max_pending: 100,
-            connections: 1,
-            max_frame_size: rpc_frame::DEFAULT_MAX_FRAME_SIZE,
+            ..UpstreamSettings::default()
         })))
     }
 

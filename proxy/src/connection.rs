@@ -6,6 +6,11 @@
 //! whatever is ready at the head, batching replies that are ready together. Pings, protocol
 //! errors and refusals are entries that are ready at once, so they keep their place in line.
 //! ONEWAY calls are entries that yield nothing.
+//!
+//! A frame once started (any byte of its length or body read) must be complete within
+//! [`FRAME_TIMEOUT`]: a client dripping bytes is closed (after the replies it is owed), while
+//! a large frame arriving steadily is fine. This holds whether or not `client_idle_timeout_ms`
+//! is set, so a stalled client never holds a connection forever.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,8 +41,6 @@ pub struct ConnectionSettings {
     pub startup_hold: Duration,
     /// Close a connection with nothing in flight and no frame for this long.
     pub idle_timeout: Option<Duration>,
-    /// Cancelled when the drain grace is over: calls still waiting get code 6 at once.
-    pub abort: CancellationToken,
 }
 
 /// A reply slot: resolves to the bytes to write, or `None` (ONEWAY).
@@ -49,14 +52,35 @@ const MAX_ATTEMPTS: usize = 3;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 4096;
 
-/// Serves one client connection until it closes, breaks, idles out, or `shutdown` fires and
-/// its calls are answered.
+/// How long a client may take to send one frame, from its first byte to its last: twice the
+/// default request timeout, and enough for a 16 MB frame at 0.5 MB/s. The LB bounds the
+/// frames of its peers alike.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves one client connection until it closes, breaks, idles out, stalls mid-frame for
+/// [`FRAME_TIMEOUT`], or `shutdown` fires and its calls are answered.
 pub async fn serve<R, W>(
     reader: R,
     writer: W,
     router: Arc<Router>,
     settings: Arc<ConnectionSettings>,
     shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    serve_with_frame_timeout(reader, writer, router, settings, shutdown, FRAME_TIMEOUT).await;
+}
+
+/// [`serve`] with another bound than [`FRAME_TIMEOUT`] on the time one frame may take to
+/// arrive (tests use a short one).
+pub async fn serve_with_frame_timeout<R, W>(
+    reader: R,
+    writer: W,
+    router: Arc<Router>,
+    settings: Arc<ConnectionSettings>,
+    shutdown: CancellationToken,
+    frame_timeout: Duration,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -70,6 +94,8 @@ pub async fn serve<R, W>(
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         reading: true,
+        frame_started: None,
+        frame_timeout,
     };
     conn.run(shutdown).await;
 }
@@ -82,8 +108,13 @@ struct Connection<R, W> {
     inflight: FuturesOrdered<ReplyFuture>,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    /// False once the client has closed its side or sent an unframeable byte stream.
+    /// False once the client has closed its side, sent an unframeable byte stream, or
+    /// stalled mid-frame.
     reading: bool,
+    /// When the first byte of the incomplete frame in `rbuf` was read.
+    frame_started: Option<tokio::time::Instant>,
+    /// Longest time from a frame's first byte to its last.
+    frame_timeout: Duration,
 }
 
 impl<R, W> Connection<R, W>
@@ -93,6 +124,10 @@ where
 {
     async fn run(&mut self, shutdown: CancellationToken) {
         let mut stopping = false;
+        // Made once: a fresh `cancelled()` per pass would register and drop a waiter on the
+        // token every time the connection wakes.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             if !self.reading && self.inflight.is_empty() {
                 break;
@@ -105,27 +140,49 @@ where
                 .settings
                 .idle_timeout
                 .filter(|_| self.inflight.is_empty());
+            let frame_deadline = self.frame_started.map(|at| at + self.frame_timeout);
             tokio::select! {
                 biased;
                 Some(first) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    // Time spent writing (a client slow to read) is not held against a frame
+                    // it is sending.
+                    let writing_since = self.frame_started.map(|_| tokio::time::Instant::now());
                     if !self.write_ready(first).await {
                         return;
+                    }
+                    if let (Some(since), Some(at)) = (writing_since, self.frame_started.as_mut()) {
+                        *at += since.elapsed();
                     }
                 }
                 read = self.reader.read_buf(&mut self.rbuf), if can_read => {
                     match read {
                         Ok(0) | Err(_) => self.reading = false,
-                        Ok(_) => self.take_frames(),
+                        Ok(_) => {
+                            let before = self.rbuf.len();
+                            self.take_frames();
+                            self.note_partial_frame(before);
+                        }
                     }
                     if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
                         // Give back a buffer grown by a large frame.
                         self.rbuf = BytesMut::new();
                     }
                 }
-                _ = shutdown.cancelled(), if !stopping => stopping = true,
+                _ = &mut cancelled, if !stopping => stopping = true,
                 _ = sleep_opt(idle), if can_read => {
                     tracing::debug!("idle client connection closed");
                     return;
+                }
+                _ = sleep_until_opt(frame_deadline), if can_read => {
+                    // Stop reading; the replies owed are still written, then it closes.
+                    tracing::debug!(
+                        bytes = self.rbuf.len(),
+                        timeout_ms = self.frame_timeout.as_millis() as u64,
+                        "client did not complete a frame within the frame timeout, closing"
+                    );
+                    self.reading = false;
+                    self.rbuf = BytesMut::new();
+                    self.frame_started = None;
                 }
             }
             if self.reading && self.rbuf.capacity() - self.rbuf.len() < 64 {
@@ -166,6 +223,17 @@ where
         true
     }
 
+    /// Starts or stops the frame clock after `take_frames`; `before` is the buffer's length
+    /// before it. What is left is an incomplete frame that began in this read if a whole
+    /// frame was taken or none was pending.
+    fn note_partial_frame(&mut self, before: usize) {
+        if self.rbuf.is_empty() {
+            self.frame_started = None;
+        } else if self.frame_started.is_none() || self.rbuf.len() < before {
+            self.frame_started = Some(tokio::time::Instant::now());
+        }
+    }
+
     /// Turns every whole frame in the read buffer into a reply slot.
     fn take_frames(&mut self) {
         loop {
@@ -191,7 +259,8 @@ where
         let message = match Message::parse(frame) {
             Ok(m) => m,
             Err((frame, e)) => {
-                let (name, seqid) = legacy_name_and_seqid(&frame).unwrap_or_default();
+                let (name, seqid) =
+                    rpc_frame::salvage_name_and_seqid(&frame, &e).unwrap_or_default();
                 let text = format!("malformed message header: {e}");
                 tracing::debug!(error = %e, "bad client header");
                 self.count_protocol_error();
@@ -274,6 +343,13 @@ async fn sleep_opt(duration: Option<Duration>) {
     }
 }
 
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The `TApplicationException` frame for a failed call.
 fn error_frame(method: &str, seqid: i32, error: &CallError) -> BytesMut {
     rpc_frame::application_exception(method, seqid, error.code(), &error.to_string())
@@ -287,19 +363,6 @@ fn frame_error_reply(error: &FrameError) -> Option<BytesMut> {
         ExceptionCode::ProtocolError,
         &format!("bad frame: {error}"),
     ))
-}
-
-/// Best effort for an old-style (non-strict) header `i32 name_len, name, i8 type, i32 seqid`,
-/// so the error reply still carries the caller's name and seqid.
-fn legacy_name_and_seqid(frame: &[u8]) -> Option<(String, i32)> {
-    let payload = frame.get(rpc_frame::LENGTH_PREFIX..)?;
-    let len = i32::from_be_bytes(payload.get(0..4)?.try_into().ok()?);
-    let len = usize::try_from(len)
-        .ok()
-        .filter(|l| *l <= rpc_frame::MAX_NAME_LEN)?;
-    let name = std::str::from_utf8(payload.get(4..4 + len)?).ok()?;
-    let seq = payload.get(5 + len..9 + len)?;
-    Some((name.to_owned(), i32::from_be_bytes(seq.try_into().ok()?)))
 }
 
 /// Routes one call and waits for its reply. Returns the bytes for the client (a reply or a
@@ -342,7 +405,7 @@ async fn call(
     // Dropped unfinished (the client went away) it counts as `cancelled`.
     let guard = entry.calls.start_at(method, started);
     message.strip_service();
-    match forward(&entry, method, message, oneway, client_seqid, &settings).await {
+    match forward(&entry, method, message, oneway, client_seqid).await {
         Ok(Some(reply)) => {
             guard.finish(match reply.message_type() {
                 MessageType::Exception => Outcome::Exception,
@@ -369,7 +432,6 @@ async fn forward(
     mut message: Message,
     oneway: bool,
     client_seqid: i32,
-    settings: &ConnectionSettings,
 ) -> Result<Option<Message>, CallError> {
     let service = entry.name.as_str();
     let mut tried = Vec::new();
@@ -422,12 +484,9 @@ async fn forward(
             endpoint: endpoint.label().to_owned(),
             cause,
         };
-        let answer = tokio::select! {
-            biased;
-            answer = rx => answer,
-            _ = settings.abort.cancelled() => return Err(upstream(UpstreamFailure::Stopping)),
-        };
-        match answer {
+        // When the drain grace is over the endpoint's connection fails this call with
+        // `Stopping` (UpstreamSettings::abort), so this wait ends too.
+        match rx.await {
             Ok(Ok(reply)) => return Ok(Some(reply)),
             Ok(Err(Failure::NotSent(back))) => {
                 message = back;
@@ -449,24 +508,5 @@ fn no_endpoint(service: &str, method: &str, detail: &str) -> CallError {
         service: service.to_owned(),
         method: method.to_owned(),
         detail: detail.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn legacy_header_fields_are_recovered() {
-        let mut frame = vec![0, 0, 0, 0];
-        frame.extend_from_slice(&5i32.to_be_bytes());
-        frame.extend_from_slice(b"a:bcd");
-        frame.push(1);
-        frame.extend_from_slice(&42i32.to_be_bytes());
-        assert_eq!(
-            legacy_name_and_seqid(&frame),
-            Some(("a:bcd".to_owned(), 42))
-        );
-        assert_eq!(legacy_name_and_seqid(&frame[..10]), None);
     }
 }

@@ -59,6 +59,7 @@ pub fn upstream_settings(config: &ProxyConfig) -> UpstreamSettings {
         max_pending: config.max_pending_per_endpoint,
         connections: config.upstream_connections,
         max_frame_size: config.common.max_frame_size,
+        abort: CancellationToken::new(),
     }
 }
 
@@ -121,10 +122,9 @@ async fn serve(
     shutdown: CancellationToken,
 ) {
     let metrics = Arc::new(Metrics::new());
-    let router = Arc::new(Router::with_metrics(
-        Arc::new(upstream_settings(&config)),
-        metrics,
-    ));
+    let upstream = upstream_settings(&config);
+    let abort = upstream.abort.clone();
+    let router = Arc::new(Router::with_metrics(Arc::new(upstream), metrics));
     let applier = {
         let router = router.clone();
         tokio::spawn(async move {
@@ -138,7 +138,6 @@ async fn serve(
         max_inflight: config.max_inflight_per_connection,
         startup_hold: config.startup_hold,
         idle_timeout: config.client_idle_timeout,
-        abort: CancellationToken::new(),
     });
     // The admin endpoint outlives the drain (its /healthz says 503 meanwhile).
     let admin_stop = CancellationToken::new();
@@ -170,7 +169,7 @@ async fn serve(
             left = tracker.len(),
             "drain grace period over, failing the calls still open with code 6"
         );
-        settings.abort.cancel();
+        abort.cancel();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tracker.wait()).await;
     }
     if let Some(status) = status {

@@ -68,7 +68,7 @@ fn main() -> ExitCode {
     for warning in &warnings {
         tracing::warn!(key = warning.key, "{}", warning.message);
     }
-    let runtime = match rpc_runtime::build_runtime(config.worker_threads) {
+    let runtime = match rpc_runtime::build_runtime(config.common.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rpc_proxy: cannot start runtime: {e}");

@@ -275,14 +275,8 @@ mod tests {
 
     fn settings() -> Arc<UpstreamSettings> {
         Arc::new(UpstreamSettings {
-            request_timeout: Duration::from_secs(15),
-            connect_timeout: Duration::from_secs(1),
-            heartbeat_interval: Duration::from_secs(1),
-            heartbeat_timeout: Duration::from_secs(6),
-            idle_timeout: Duration::from_secs(300),
             max_pending: 100,
-            connections: 1,
-            max_frame_size: rpc_frame::DEFAULT_MAX_FRAME_SIZE,
+            ..UpstreamSettings::default()
         })
     }
 

@@ -20,6 +20,7 @@ use rpc_config::Address;
 use rpc_frame::{Message, MessageType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::UpstreamFailure;
 
@@ -42,6 +43,27 @@ pub struct UpstreamSettings {
     pub connections: usize,
     /// Largest reply frame accepted.
     pub max_frame_size: usize,
+    /// Cancelled when the proxy's drain grace is over: every connection fails the calls it
+    /// holds with [`UpstreamFailure::Stopping`] and closes. Watched once per connection, not
+    /// per call.
+    pub abort: CancellationToken,
+}
+
+impl Default for UpstreamSettings {
+    /// The CONTRACT defaults (section 4) and the proxy's own.
+    fn default() -> Self {
+        UpstreamSettings {
+            request_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(6),
+            idle_timeout: Duration::from_secs(300),
+            max_pending: 8192,
+            connections: 1,
+            max_frame_size: rpc_frame::DEFAULT_MAX_FRAME_SIZE,
+            abort: CancellationToken::new(),
+        }
+    }
 }
 
 /// What a caller gets back for a call.
@@ -272,6 +294,8 @@ struct Pending {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
     Failed(UpstreamFailure),
+    /// The proxy's drain grace ran out.
+    Aborted,
     Idle,
     Drained,
     Dropped,
@@ -357,13 +381,19 @@ async fn run_connection(
     };
     conn.closed.store(true, Ordering::Relaxed);
     endpoint.release_slot(slot, &conn);
-    // Calls still queued were never written: hand them back for another endpoint. Closing
-    // first makes every later send fail, so none is left behind.
+    // Calls still queued were never written: hand them back for another endpoint (none when
+    // the proxy is giving up). Closing first makes every later send fail, so none is left
+    // behind.
     rx.close();
+    let aborted = ending == Ending::Aborted;
     while let Ok(out) = rx.try_recv() {
         endpoint.finish_one();
         if let Some(reply) = out.reply {
-            let _ = reply.send(Err(Failure::NotSent(out.message)));
+            let _ = reply.send(Err(if aborted {
+                Failure::Failed(UpstreamFailure::Stopping)
+            } else {
+                Failure::NotSent(out.message)
+            }));
         }
     }
     match ending {
@@ -373,6 +403,10 @@ async fn run_connection(
                 tracing::warn!(endpoint = endpoint.label(), cause = %failure, "upstream connection closed");
             }
         }
+        Ending::Aborted => tracing::debug!(
+            endpoint = endpoint.label(),
+            "upstream connection closed at the end of the drain"
+        ),
         Ending::Idle => tracing::debug!(
             endpoint = endpoint.label(),
             "idle upstream connection closed"
@@ -406,9 +440,11 @@ where
     let ending = tokio::select! {
         ending = write_loop(endpoint, &shared, writer, rx) => ending,
         ending = read_loop(endpoint, &shared, reader) => ending,
+        _ = endpoint.settings.abort.cancelled() => Ending::Aborted,
     };
     let failure = match ending {
         Ending::Failed(f) => f,
+        Ending::Aborted => UpstreamFailure::Stopping,
         _ => UpstreamFailure::ConnectionLost,
     };
     let calls: Vec<Pending> = shared.pending().calls.drain().map(|(_, p)| p).collect();

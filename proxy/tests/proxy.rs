@@ -631,3 +631,250 @@ async fn call_before_the_first_sync_is_held_until_routes_arrive() {
         start.elapsed()
     );
 }
+
+// === bad headers keep the client's seqid ===
+
+#[tokio::test]
+async fn code_7_reply_to_a_bad_header_carries_the_client_seqid() {
+    let upstream = FakeUpstream::echo().await;
+    let proxy = start_proxy("").await;
+    proxy.route("echo", &[upstream.frontend()]).await;
+    let mut client = proxy.client().await;
+
+    let mut non_strict = 11i32.to_be_bytes().to_vec();
+    non_strict.extend_from_slice(b"echo:method");
+    non_strict.push(1);
+    non_strict.extend_from_slice(&41i32.to_be_bytes());
+    non_strict.push(0);
+    let strict = |version: u32, name: &[u8], seqid: i32| {
+        let mut payload = version.to_be_bytes().to_vec();
+        payload.extend_from_slice(&(name.len() as i32).to_be_bytes());
+        payload.extend_from_slice(name);
+        payload.extend_from_slice(&seqid.to_be_bytes());
+        payload.push(0);
+        payload
+    };
+    let cases = [
+        ("non-strict header", non_strict, 41),
+        (
+            "invalid UTF-8 in the name",
+            strict(rpc_frame::VERSION_1 | 1, b"echo:\xff\xfe", 42),
+            42,
+        ),
+        (
+            "bad version word",
+            strict(0x8002_0001, b"echo:method", 43),
+            43,
+        ),
+    ];
+    for (what, payload, seqid) in cases {
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&payload);
+        client.send_raw(&frame).await;
+        let reply = client.reply().await;
+        let (got, text) = exception(&reply, seqid);
+        assert_eq!(got, code(ExceptionCode::ProtocolError), "{what}: {text}");
+    }
+    assert_reply(&client.call("echo:method", 44, b"ok").await, 44, b"ok");
+    assert_eq!(upstream.call_count(), 1, "bad headers are never forwarded");
+}
+
+// === frame-completion deadline ===
+
+/// Client connections served by `connection::serve_with_frame_timeout` with a short bound
+/// (the binary uses the 30 s `FRAME_TIMEOUT`), `echo` routed to one upstream.
+struct FrameBound {
+    socket: std::path::PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl FrameBound {
+    async fn start(frame_timeout: Duration, upstream: &FakeUpstream) -> FrameBound {
+        use rpc_proxy::connection::{self, ConnectionSettings};
+        let text = "zk=127.0.0.1:1\nproxy_address=/unused.sock\n";
+        let (config, _) = rpc_config::ProxyConfig::parse(text).expect("config");
+        let router = std::sync::Arc::new(rpc_proxy::route::Router::new(std::sync::Arc::new(
+            rpc_proxy::upstream_settings(&config),
+        )));
+        router.apply(rpc_registry::DiscoveryEvent::Endpoints {
+            service: "echo".into(),
+            endpoints: vec![rpc_registry::Endpoint {
+                node: rpc_registry::service_id(&upstream.frontend()),
+                info: rpc_registry::EndpointInfo {
+                    service: "echo".into(),
+                    frontend: upstream.frontend(),
+                    ..Default::default()
+                },
+            }],
+        });
+        router.apply(rpc_registry::DiscoveryEvent::Synced);
+        let settings = std::sync::Arc::new(ConnectionSettings {
+            max_frame_size: config.common.max_frame_size,
+            max_inflight: config.max_inflight_per_connection,
+            startup_hold: config.startup_hold,
+            idle_timeout: None,
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("c.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let shutdown = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => return,
+                    },
+                };
+                let (router, settings, shutdown) =
+                    (router.clone(), settings.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    let (r, w) = stream.into_split();
+                    connection::serve_with_frame_timeout(
+                        r,
+                        w,
+                        router,
+                        settings,
+                        shutdown,
+                        frame_timeout,
+                    )
+                    .await;
+                });
+            }
+        });
+        FrameBound {
+            socket,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> support::Client {
+        support::Client::connect(&self.socket).await
+    }
+}
+
+impl Drop for FrameBound {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Reads `reader` until EOF within `limit`; returns the bytes read, or `None` if the
+/// connection is still open then.
+async fn read_until_eof(
+    reader: &mut tokio::net::unix::OwnedReadHalf,
+    limit: Duration,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok().map(|()| got)
+}
+
+#[tokio::test]
+async fn client_dripping_a_frame_is_closed_after_the_frame_timeout_others_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let frame_timeout = Duration::from_secs(1);
+    let upstream = FakeUpstream::echo().await;
+    let proxy = FrameBound::start(frame_timeout, &upstream).await;
+    let mut bystander = proxy.client().await;
+    assert_reply(
+        &bystander.call("echo:method", 1, b"before").await,
+        1,
+        b"before",
+    );
+
+    let stream = tokio::net::UnixStream::connect(&proxy.socket)
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let frame = rpc_frame::encode_message(MessageType::Call, "echo:method", 9, &[0u8; 80]);
+    let started = Instant::now();
+    let drip = tokio::spawn(async move {
+        for byte in frame.iter() {
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await; // the drip's pace
+        }
+    });
+    let got = read_until_eof(&mut reader, frame_timeout + Duration::from_secs(3))
+        .await
+        .expect("a client dripping one byte per 150 ms is still connected");
+    let closed_after = started.elapsed();
+    drip.abort();
+    assert!(got.is_empty(), "nothing is owed to the dripping client");
+    assert!(
+        closed_after >= frame_timeout - Duration::from_millis(100),
+        "closed after {closed_after:?}, before the frame timeout"
+    );
+    assert_reply(
+        &bystander.call("echo:method", 2, b"after").await,
+        2,
+        b"after",
+    );
+    assert_eq!(
+        upstream.call_count(),
+        2,
+        "the partial call never went upstream"
+    );
+}
+
+#[tokio::test]
+async fn stalled_frame_closes_the_connection_after_the_replies_it_is_owed() {
+    let frame_timeout = Duration::from_secs(1);
+    let upstream = FakeUpstream::start(|_| Action::ReplyAfter(Duration::from_millis(1500))).await;
+    let proxy = FrameBound::start(frame_timeout, &upstream).await;
+    let mut client = proxy.client().await;
+    let call = rpc_frame::encode_message(MessageType::Call, "echo:method", 5, b"owed");
+    let next = rpc_frame::encode_message(MessageType::Call, "echo:method", 6, b"stalled");
+    let mut bytes = call.to_vec();
+    bytes.extend_from_slice(&next[..10]);
+    client.send_raw(&bytes).await;
+    // The reply comes after the frame deadline passed: it is still delivered, then EOF.
+    assert_reply(&client.reply().await, 5, b"owed");
+    match client
+        .recv_within(frame_timeout + Duration::from_secs(3))
+        .await
+    {
+        Some(None) => {}
+        Some(Some(m)) => panic!("unexpected frame {}", describe(&m)),
+        None => panic!("still open with a frame stalled past the frame timeout"),
+    }
+    assert_eq!(upstream.call_count(), 1);
+}
+
+#[tokio::test]
+async fn large_frames_arriving_steadily_within_the_frame_timeout_are_served() {
+    // Each frame takes ~1.2 s of a 2 s bound; both together take longer than the bound.
+    let frame_timeout = Duration::from_secs(2);
+    let upstream = FakeUpstream::echo().await;
+    let proxy = FrameBound::start(frame_timeout, &upstream).await;
+    let mut client = proxy.client().await;
+    let started = Instant::now();
+    for seqid in [1, 2] {
+        let body = vec![seqid as u8; 256 * 1024];
+        let frame = rpc_frame::encode_message(MessageType::Call, "echo:method", seqid, &body);
+        for chunk in frame.chunks(frame.len() / 8 + 1) {
+            client.send_raw(chunk).await;
+            tokio::time::sleep(Duration::from_millis(150)).await; // the sender's pace
+        }
+        assert_reply(&client.reply().await, seqid, &body);
+    }
+    assert!(
+        started.elapsed() > frame_timeout,
+        "the test must span more than one frame timeout"
+    );
+}

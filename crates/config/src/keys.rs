@@ -43,6 +43,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "back_address",
     "worker_pool_size",
     "max_queue",
+    "front_idle_timeout_ms",
 ];
 
 /// Keys of the Go original that nothing reads any more (`profile`, `falcon_client`,

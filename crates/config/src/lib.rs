@@ -44,10 +44,16 @@ const DEFAULT_MAX_PENDING_PER_ENDPOINT: usize = 8_192;
 const DEFAULT_UPSTREAM_CONNECTIONS: usize = 1;
 const DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS: u64 = 300_000;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Off: Thrift clients (Python connection pools included) keep idle connections open and do
+/// not retry, so closing one would fail the caller's next call on it. Stalled clients are
+/// bounded anyway: a frame once started must be finished within the proxy's frame deadline.
 const DEFAULT_CLIENT_IDLE_TIMEOUT_MS: u64 = 0;
 const DEFAULT_STARTUP_HOLD_MS: u64 = 5_000;
 const DEFAULT_WORKER_POOL_SIZE: usize = 1;
 const DEFAULT_MAX_QUEUE: usize = 1_024;
+/// Five minutes, like `upstream_idle_timeout_ms`: proxies ping idle connections every
+/// `heartbeat_interval_ms` (1 s), and a ping counts as activity, so a live proxy is never cut.
+const DEFAULT_FRONT_IDLE_TIMEOUT_MS: u64 = 300_000;
 
 /// Where a socket listens or connects: a unix path, or `host:port` when the text has a `:`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -130,6 +136,10 @@ pub struct CommonConfig {
     pub zk_auth: Option<String>,
     /// `socket_mode` (`0660`, octal): permissions of unix sockets created.
     pub socket_mode: u32,
+    /// `worker_threads` (`1`, NEW): runtime threads; `0` = one per CPU. One thread keeps
+    /// each call on one core (no cross-thread wakeups): the cheapest per call for a sidecar
+    /// and for an LB whose workers need the other cores.
+    pub worker_threads: usize,
 }
 
 /// The `rpc_proxy` configuration.
@@ -145,10 +155,6 @@ pub struct ProxyConfig {
     pub drain_grace: Duration,
     /// `max_connections` (`20000`, NEW): client connections beyond this are closed at once.
     pub max_connections: usize,
-    /// `worker_threads` (`1`, NEW): runtime threads of the proxy; `0` = one per CPU. One
-    /// thread keeps each call on one core (no cross-thread wakeups): the cheapest per call
-    /// for a sidecar.
-    pub worker_threads: usize,
     /// `max_inflight_per_connection` (`1024`, NEW): pipelined calls beyond this on one client
     /// connection get a code-6 error at once.
     pub max_inflight_per_connection: usize,
@@ -197,6 +203,9 @@ pub struct LbConfig {
     pub max_queue: usize,
     /// `max_connections` (`20000`, NEW).
     pub max_connections: usize,
+    /// `front_idle_timeout_ms` (`300000`, `0` = never, NEW): a front connection with no call
+    /// in flight and no frame (a ping counts) for this long is closed.
+    pub front_idle_timeout: Option<Duration>,
 }
 
 /// A configuration that cannot be used. `Display` is one line naming the key.
@@ -301,6 +310,7 @@ impl CommonConfig {
             admin_address: values.host_port("admin_address")?,
             zk_auth: zk_auth(values)?,
             socket_mode: values.octal_mode("socket_mode", DEFAULT_SOCKET_MODE)?,
+            worker_threads: worker_threads(values)?,
         })
     }
 }
@@ -376,7 +386,6 @@ impl ProxyConfig {
             )?,
             drain_grace: values.millis("drain_grace_ms", DEFAULT_PROXY_DRAIN_GRACE_MS, true)?,
             max_connections: values.count("max_connections", DEFAULT_MAX_CONNECTIONS)?,
-            worker_threads: worker_threads(values)?,
             max_inflight_per_connection: values.count(
                 "max_inflight_per_connection",
                 DEFAULT_MAX_INFLIGHT_PER_CONNECTION,
@@ -447,6 +456,8 @@ impl LbConfig {
             drain_grace: values.millis("drain_grace_ms", DEFAULT_LB_DRAIN_GRACE_MS, true)?,
             max_queue: values.count("max_queue", DEFAULT_MAX_QUEUE)?,
             max_connections: values.count("max_connections", DEFAULT_MAX_CONNECTIONS)?,
+            front_idle_timeout: values
+                .optional_millis("front_idle_timeout_ms", DEFAULT_FRONT_IDLE_TIMEOUT_MS)?,
         })
     }
 }
@@ -505,12 +516,12 @@ mod tests {
                 admin_address: None,
                 zk_auth: None,
                 socket_mode: 0o660,
+                worker_threads: 1,
             },
             proxy_address: Address::Unix("/tmp/proxy.sock".into()),
             request_timeout: ms(15_000),
             drain_grace: ms(10_000),
             max_connections: 20_000,
-            worker_threads: 1,
             max_inflight_per_connection: 1024,
             max_pending_per_endpoint: 8192,
             upstream_connections: 1,
@@ -538,6 +549,7 @@ mod tests {
         assert_eq!(config.drain_grace, ms(25_000));
         assert_eq!(config.max_queue, 1024);
         assert_eq!(config.max_connections, 20_000);
+        assert_eq!(config.front_idle_timeout, Some(ms(300_000)));
     }
 
     #[test]
@@ -574,6 +586,7 @@ front_sock = /run/echo.sock
 back_address = [::1]:6000
 worker_pool_size = 8
 max_queue = 99
+front_idle_timeout_ms = 45000
 ";
         let (p, warnings) = ProxyConfig::parse(text).unwrap();
         assert!(warnings.is_empty());
@@ -618,6 +631,9 @@ max_queue = 99
         assert_eq!(l.drain_grace, Duration::ZERO);
         assert_eq!(l.max_queue, 99);
         assert_eq!(l.max_connections, 10);
+        assert_eq!(l.front_idle_timeout, Some(ms(45_000)));
+        let off = lb(&format!("{LB_MIN}front_idle_timeout_ms=0\n")).unwrap();
+        assert_eq!(off.front_idle_timeout, None, "0 = never");
     }
 
     #[test]
@@ -726,6 +742,8 @@ max_queue = 99
             ("max_queue", "0"),
             ("max_connections", "-1"),
             ("verbose", "maybe"),
+            ("front_idle_timeout_ms", "-1"),
+            ("front_idle_timeout_ms", "5m"),
         ];
         for (key, bad) in lb_cases {
             let text = format!("{LB_MIN}{key}={bad}\n");

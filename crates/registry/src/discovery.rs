@@ -14,6 +14,13 @@
 //! dead, so a new one is made. While disconnected nothing is said about endpoints: the last
 //! table stays valid, and only successful reads ever produce [`DiscoveryEvent::Endpoints`].
 //!
+//! A session disconnected for longer than `session::TAKEOVER_AFTER` is raced against new
+//! sessions made with a capped backoff (the library's own retries grow without bound): if
+//! a new one is established first, the old client is dropped and discovery goes on with the
+//! new session. Discovery holds no ephemeral node, so nothing is lost by leaving a session
+//! that might still have come back; events say `Disconnected` then `Connected` (a reconnect,
+//! not an expiry: `Expired` is only sent for a session the library declared expired).
+//!
 //! # Promptness of removals
 //! When a service's children watch fires, the service is listed again (one round trip) and,
 //! if endpoints vanished, the remaining set (from cached data) is sent *at once*. Only then
@@ -69,7 +76,7 @@ struct Closed;
 enum Next {
     /// Connected: read everything again and watch.
     Resync,
-    /// Not connected: wait for the session to come back (or to expire).
+    /// Not connected: wait for the session to come back (or to expire), or replace it.
     WaitState,
     /// The client is dead (expired, closed): make a new one.
     NewClient,
@@ -157,38 +164,33 @@ impl Discovery {
         }
     }
 
-    /// Connects, serves the session until it dies, and starts over; forever.
+    /// Connects, serves the session until it dies or is replaced, and starts over; forever.
     async fn run(mut self, settings: ZkSettings) -> Closed {
-        let mut backoff = Backoff::new();
-        let mut failing = false;
+        let mut reconnect = Backoff::reconnect();
+        let mut client = session::connect_retrying(&settings, &mut reconnect).await;
         loop {
-            let client = match session::connect(&settings).await {
-                Ok(client) => client,
-                Err(err) => {
-                    if failing {
-                        debug!(servers = %settings.servers, %err, "zookeeper connect failed again");
-                    } else {
-                        warn!(servers = %settings.servers, %err, "cannot connect to zookeeper; retrying");
-                        failing = true;
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
-            };
-            failing = false;
             info!(
                 session = %client.session_id(),
                 timeout = ?client.session_timeout(),
                 "zookeeper session established"
             );
-            if let Err(closed) = self.serve(&client, &mut backoff).await {
-                return closed;
-            }
+            client = match self.serve(&client, &settings).await {
+                Err(closed) => return closed,
+                // Dropping the old client closes its session (once it reaches a server).
+                Ok(Some(replacement)) => replacement,
+                Ok(None) => session::connect_retrying(&settings, &mut reconnect).await,
+            };
         }
     }
 
-    /// Serves one client until its session is over (expired or closed).
-    async fn serve(&mut self, client: &zk::Client, backoff: &mut Backoff) -> Result<(), Closed> {
+    /// Serves one client until its session is over (expired or closed: `None`) or a new
+    /// session replaced it while it was disconnected (`Some(new)`).
+    async fn serve(
+        &mut self,
+        client: &zk::Client,
+        settings: &ZkSettings,
+    ) -> Result<Option<zk::Client>, Closed> {
+        let mut backoff = Backoff::retry();
         let mut state = client.state_watcher();
         // `state_watcher()` starts from the current state: look at it before waiting.
         let mut next = match state.peek_state() {
@@ -202,22 +204,41 @@ impl Discovery {
         // Watches of the current read; replaced (and the old ones dropped) only after a new
         // read armed its own, so the server never sees a path without a watch.
         let mut watches: Option<Watches> = None;
+        // When the connection was found lost; `None` while connected.
+        let mut lost: Option<Instant> = None;
         loop {
+            if next == Next::Resync {
+                lost = None;
+            }
             next = match next {
                 Next::NewClient => {
                     self.session_changed(SessionState::Expired).await?;
-                    return Ok(());
+                    return Ok(None);
                 }
                 Next::WaitState => {
-                    // Bounded: a call can fail with a connection loss whose state changes
-                    // were already seen; then the session may well be connected again.
-                    match tokio::time::timeout(client.session_timeout(), state.changed()).await {
-                        Ok(s) => self.on_state(s).await?,
-                        Err(_) if session::is_terminal(client.state()) => Next::NewClient,
-                        Err(_) if client.state() == zk::SessionState::Disconnected => {
-                            Next::WaitState
+                    let since = *lost.get_or_insert_with(Instant::now);
+                    // The current state first: a call can fail with a connection loss whose
+                    // state changes were already seen (the session may be back already).
+                    match state.state() {
+                        s if session::is_terminal(s) => Next::NewClient,
+                        zk::SessionState::Disconnected => {
+                            self.session_changed(SessionState::Disconnected).await?;
+                            tokio::select! {
+                                biased;
+                                s = state.changed() => self.on_state(s).await?,
+                                replacement = session::take_over(settings, since) => {
+                                    info!(
+                                        old = %client.session_id(),
+                                        new = %replacement.session_id(),
+                                        disconnected = ?since.elapsed(),
+                                        "zookeeper is back before the old session reconnected; \
+                                         going on with the new session"
+                                    );
+                                    return Ok(Some(replacement));
+                                }
+                            }
                         }
-                        Err(_) => Next::Resync,
+                        s => self.on_state(s).await?,
                     }
                 }
                 Next::Resync => {
@@ -229,12 +250,13 @@ impl Discovery {
                     };
                     match read {
                         Err(s) => self.on_state(s).await?,
-                        Ok(Err(err)) => after_error(client, &err, backoff).await,
+                        Ok(Err(err)) => after_error(client, &err, &mut backoff).await,
                         Ok(Ok(snapshot)) => {
                             let fresh = self.apply_snapshot(snapshot, started).await?;
                             backoff.reset();
                             let watches = watches.insert(fresh);
-                            self.watch(client, &mut state, watches, backoff).await?
+                            self.watch(client, &mut state, watches, &mut backoff)
+                                .await?
                         }
                     }
                 }

@@ -8,7 +8,8 @@
 //! - `endpoint`: the endpoint node JSON ([`EndpointInfo`]).
 //! - `discovery`: [`run_discovery`].
 //! - `registration`: [`Registration`].
-//! - `session`: connecting with the configured session timeout; expiry means a new client.
+//! - `session`: connecting with the configured session timeout; expiry means a new client,
+//!   and so may a long disconnection (the library's own reconnect backoff has no cap).
 
 mod discovery;
 mod endpoint;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own subset.
 
+pub mod relay;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
