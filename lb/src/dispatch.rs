@@ -249,12 +249,18 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Adds a worker connection with `capacity` slots; queued calls start on it at once.
+    /// Adds a worker connection with `capacity` slots; queued calls start on it at once. After
+    /// [`Dispatcher::stop_all`] it joins inactive and is sent STOP_CONFIRM.
     pub fn add_worker(&self, tx: mpsc::UnboundedSender<ToWorker>, capacity: usize) -> WorkerId {
         let mut state = self.state();
         state.next_id += 1;
         let id = state.next_id;
         let active = !state.stopping;
+        if !active {
+            // Joined after stop_all: it takes nothing, and hears so at once. Decided under the
+            // same lock as stop_all, so it hears it exactly once.
+            let _ = tx.send(ToWorker::Control(rpc_frame::stop_confirm()));
+        }
         state.workers.push(Worker {
             id,
             tx,

@@ -105,7 +105,9 @@ async fn run(
                     Err(e) => {
                         failures += 1;
                         metrics.failures.inc();
-                        let delay = Duration::from_millis(200u64 << failures.min(5)).min(Duration::from_secs(5));
+                        // Capped at 1 s: an LB started while ZooKeeper is away registers
+                        // within about a second of its return.
+                        let delay = Duration::from_millis(100u64 << failures.min(4)).min(Duration::from_secs(1));
                         tracing::warn!(error = %e, retry_in = ?delay, "zookeeper registration failed");
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}

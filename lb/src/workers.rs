@@ -11,13 +11,12 @@
 //! message closes it, and so does silence for `heartbeat_timeout`; it never held a call, so
 //! no call is lost.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rpc_frame::{ExceptionCode, Hello, Message, MessageType};
+use rpc_frame::{ExceptionCode, Hello, InFlight, Message, MessageType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -63,31 +62,12 @@ struct Pending {
     meter: Option<Meter>,
 }
 
-#[derive(Default)]
-struct PendingMap {
-    calls: HashMap<i32, Pending>,
-    order: VecDeque<(Instant, i32)>,
-    next_seqid: i32,
-}
-
-impl PendingMap {
-    /// 1..=i32::MAX, wrapping; 0 is for control frames.
-    fn next_seqid(&mut self) -> i32 {
-        self.next_seqid = if self.next_seqid == i32::MAX {
-            1
-        } else {
-            self.next_seqid + 1
-        };
-        self.next_seqid
-    }
-}
-
 struct Shared {
     /// Numbers back connections for the logs, workers or not.
     conn: u64,
     /// Set once the connection proved to be a worker and joined the dispatcher.
     worker: OnceLock<WorkerId>,
-    pending: Mutex<PendingMap>,
+    pending: Mutex<InFlight<Pending>>,
     epoch: Instant,
     last_rx_ms: AtomicU64,
 }
@@ -100,7 +80,7 @@ impl Shared {
     fn id(&self) -> Option<WorkerId> {
         self.worker.get().copied()
     }
-    fn pending(&self) -> std::sync::MutexGuard<'_, PendingMap> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, InFlight<Pending>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn now_ms(&self) -> u64 {
@@ -137,7 +117,7 @@ pub async fn serve<R, W>(
     let shared = Shared {
         conn: CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1,
         worker: OnceLock::new(),
-        pending: Mutex::new(PendingMap::default()),
+        pending: Mutex::new(InFlight::new()),
         epoch: Instant::now(),
         last_rx_ms: AtomicU64::new(0),
     };
@@ -163,7 +143,7 @@ pub async fn serve<R, W>(
     dispatcher.remove(id);
     settings.metrics.workers_left.inc();
     let _ = events.send(WorkerEvent::Left(id));
-    let held: Vec<Pending> = shared.pending().calls.drain().map(|(_, p)| p).collect();
+    let held = shared.pending().take_all();
     let lost = held.iter().filter(|p| p.reply.is_some()).count();
     for pending in held {
         if let Some(reply) = pending.reply {
@@ -219,10 +199,6 @@ fn activate(
         proof,
         "worker joined"
     );
-    // Joined after the LB told its workers to stop: it takes nothing, and hears so at once.
-    if dispatcher.loads().iter().any(|w| w.id == id && !w.active) {
-        let _ = tx.send(ToWorker::Control(rpc_frame::stop_confirm()));
-    }
     id
 }
 
@@ -277,23 +253,23 @@ where
                             ToWorker::Control(frame) => buf.extend_from_slice(&frame),
                             ToWorker::Call(call) => {
                                 let mut message = call.message;
-                                let seqid = pending.next_seqid();
-                                match call.reply {
+                                let seqid = match call.reply {
                                     // The proxy's seqid is kept in ReplyTo; the worker sees ours.
-                                    Some(reply) => {
-                                        pending.calls.insert(seqid, Pending {
+                                    Some(reply) => pending.insert(
+                                        call.deadline,
+                                        Pending {
                                             reply: Some(reply),
                                             method: message.name().to_owned(),
                                             meter: Some(call.meter),
-                                        });
-                                        pending.order.push_back((call.deadline, seqid));
-                                    }
+                                        },
+                                    ),
                                     // A ONEWAY call is done once written.
                                     None => {
                                         oneway_written += 1;
                                         call.meter.finish(Outcome::Ok);
+                                        pending.next_seqid()
                                     }
-                                }
+                                };
                                 message.set_seqid(seqid);
                                 buf.extend_from_slice(message.as_wire());
                             }
@@ -340,12 +316,8 @@ where
 fn expire(shared: &Shared, settings: &WorkerSettings) {
     let now = Instant::now();
     let mut pending = shared.pending();
-    while let Some(&(deadline, seqid)) = pending.order.front() {
-        if deadline > now {
-            break;
-        }
-        pending.order.pop_front();
-        if let Some(call) = pending.calls.get_mut(&seqid)
+    while let Some(seqid) = pending.next_expired(now) {
+        if let Some(call) = pending.get_mut(seqid)
             && let Some(reply) = call.reply.take()
         {
             let text = format!(
@@ -527,7 +499,7 @@ fn worker_frame(
     };
     match message.message_type() {
         MessageType::Reply | MessageType::Exception => {
-            let call = shared.pending().calls.remove(&message.seqid());
+            let call = shared.pending().remove(message.seqid());
             let Some(call) = call else {
                 tracing::debug!(
                     worker = id,

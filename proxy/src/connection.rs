@@ -467,6 +467,14 @@ async fn forward(
                 tried.push(endpoint);
                 continue;
             }
+            Err(Refused::Stopping(_)) => {
+                return Err(CallError::Upstream {
+                    service: service.to_owned(),
+                    method: method.to_owned(),
+                    endpoint: endpoint.label().to_owned(),
+                    cause: UpstreamFailure::Stopping,
+                });
+            }
             Err(Refused::Full(_)) => {
                 return Err(CallError::Overloaded {
                     service: service.to_owned(),

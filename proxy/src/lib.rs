@@ -59,7 +59,7 @@ pub fn upstream_settings(config: &ProxyConfig) -> UpstreamSettings {
         max_pending: config.max_pending_per_endpoint,
         connections: config.upstream_connections,
         max_frame_size: config.common.max_frame_size,
-        abort: CancellationToken::new(),
+        abort: Arc::default(),
     }
 }
 
@@ -169,7 +169,7 @@ async fn serve(
             left = tracker.len(),
             "drain grace period over, failing the calls still open with code 6"
         );
-        abort.cancel();
+        abort.fire();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tracker.wait()).await;
     }
     if let Some(status) = status {

@@ -9,7 +9,6 @@
 //! never written (connect failed, connection gone before the write) comes back as
 //! [`Failure::NotSent`] with its message, so the caller can safely try another endpoint.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rand::Rng;
 use rpc_config::Address;
-use rpc_frame::{Message, MessageType};
+use rpc_frame::{InFlight, Message, MessageType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -43,10 +42,36 @@ pub struct UpstreamSettings {
     pub connections: usize,
     /// Largest reply frame accepted.
     pub max_frame_size: usize,
-    /// Cancelled when the proxy's drain grace is over: every connection fails the calls it
-    /// holds with [`UpstreamFailure::Stopping`] and closes. Watched once per connection, not
-    /// per call.
-    pub abort: CancellationToken,
+    /// Fired when the proxy's drain grace is over: every connection fails the calls it holds
+    /// with [`UpstreamFailure::Stopping`] and closes, and new calls are refused.
+    pub abort: Arc<Abort>,
+}
+
+/// The end of the proxy's drain grace, as the upstream side sees it. Connections wait on
+/// the token (once per connection, not per call); [`Endpoint::send`] reads the flag (an
+/// atomic, where `CancellationToken::is_cancelled` takes a lock).
+#[derive(Debug, Default)]
+pub struct Abort {
+    token: CancellationToken,
+    fired: AtomicBool,
+}
+
+impl Abort {
+    /// Gives up on every call still waiting for an endpoint.
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        self.token.cancel();
+    }
+
+    /// Whether [`Abort::fire`] was called.
+    pub fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once [`Abort::fire`] is called.
+    pub async fn fired(&self) {
+        self.token.cancelled().await;
+    }
 }
 
 impl Default for UpstreamSettings {
@@ -61,7 +86,7 @@ impl Default for UpstreamSettings {
             max_pending: 8192,
             connections: 1,
             max_frame_size: rpc_frame::DEFAULT_MAX_FRAME_SIZE,
-            abort: CancellationToken::new(),
+            abort: Arc::default(),
         }
     }
 }
@@ -96,6 +121,8 @@ pub enum Refused {
     Backoff(Outgoing),
     /// `max_pending` calls already on this endpoint.
     Full(Outgoing),
+    /// The proxy's drain grace is over ([`UpstreamSettings::abort`]).
+    Stopping(Outgoing),
 }
 
 // === impl Endpoint ===
@@ -205,6 +232,9 @@ impl Endpoint {
     /// # Errors
     /// [`Refused`] (with the call) when in backoff or full.
     pub fn send(self: &Arc<Self>, out: Outgoing) -> Result<(), Refused> {
+        if self.settings.abort.is_fired() {
+            return Err(Refused::Stopping(out));
+        }
         if self.in_backoff() {
             return Err(Refused::Backoff(out));
         }
@@ -304,38 +334,17 @@ enum Ending {
 /// Connection-local state shared by the writer and the reader (one task, so the mutex is
 /// never contended; it only makes the two futures `Send`).
 struct Shared {
-    pending: Mutex<PendingMap>,
+    pending: Mutex<InFlight<Pending>>,
     epoch: Instant,
     last_rx_ms: AtomicU64,
     last_call_ms: AtomicU64,
-}
-
-#[derive(Default)]
-struct PendingMap {
-    calls: HashMap<i32, Pending>,
-    /// Seqids in write order; with one request timeout this is deadline order, so expiry
-    /// only looks at the front.
-    order: VecDeque<(Instant, i32)>,
-    next_seqid: i32,
-}
-
-impl PendingMap {
-    /// Seqids run 1..=i32::MAX and wrap; 0 is the heartbeat's and never a call's.
-    fn next_seqid(&mut self) -> i32 {
-        self.next_seqid = if self.next_seqid == i32::MAX {
-            1
-        } else {
-            self.next_seqid + 1
-        };
-        self.next_seqid
-    }
 }
 
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
-    fn pending(&self) -> std::sync::MutexGuard<'_, PendingMap> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, InFlight<Pending>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -354,27 +363,32 @@ async fn run_connection(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let settings = endpoint.settings.clone();
-    let ending = match tokio::time::timeout(
+    let connect = tokio::time::timeout(
         settings.connect_timeout,
         rpc_runtime::listener::connect(&endpoint.address),
-    )
-    .await
-    {
-        Ok(Ok(rpc_runtime::listener::Stream::Unix(mut s))) => {
+    );
+    let connected = tokio::select! {
+        biased;
+        _ = settings.abort.fired() => None,
+        connected = connect => Some(connected),
+    };
+    let ending = match connected {
+        None => Ending::Aborted,
+        Some(Ok(Ok(rpc_runtime::listener::Stream::Unix(mut s)))) => {
             endpoint.note_connected();
             let (r, w) = s.split();
             serve(&endpoint, r, w, &mut rx).await
         }
-        Ok(Ok(rpc_runtime::listener::Stream::Tcp(mut s))) => {
+        Some(Ok(Ok(rpc_runtime::listener::Stream::Tcp(mut s)))) => {
             endpoint.note_connected();
             let (r, w) = s.split();
             serve(&endpoint, r, w, &mut rx).await
         }
-        Ok(Err(e)) => {
+        Some(Ok(Err(e))) => {
             tracing::warn!(endpoint = endpoint.label(), error = %e, "cannot connect to endpoint");
             Ending::Failed(UpstreamFailure::ConnectFailed)
         }
-        Err(_) => {
+        Some(Err(_)) => {
             tracing::warn!(endpoint = endpoint.label(), "connect to endpoint timed out");
             Ending::Failed(UpstreamFailure::ConnectFailed)
         }
@@ -432,22 +446,24 @@ where
     W: AsyncWrite + Unpin,
 {
     let shared = Shared {
-        pending: Mutex::new(PendingMap::default()),
+        pending: Mutex::new(InFlight::new()),
         epoch: Instant::now(),
         last_rx_ms: AtomicU64::new(0),
         last_call_ms: AtomicU64::new(0),
     };
+    // Abort first: a connection opened after it must not write the calls queued on it.
     let ending = tokio::select! {
+        biased;
+        _ = endpoint.settings.abort.fired() => Ending::Aborted,
         ending = write_loop(endpoint, &shared, writer, rx) => ending,
         ending = read_loop(endpoint, &shared, reader) => ending,
-        _ = endpoint.settings.abort.cancelled() => Ending::Aborted,
     };
     let failure = match ending {
         Ending::Failed(f) => f,
         Ending::Aborted => UpstreamFailure::Stopping,
         _ => UpstreamFailure::ConnectionLost,
     };
-    let calls: Vec<Pending> = shared.pending().calls.drain().map(|(_, p)| p).collect();
+    let calls = shared.pending().take_all();
     for pending in calls {
         endpoint.finish_one();
         let _ = pending.reply.send(Err(Failure::Failed(failure)));
@@ -487,21 +503,22 @@ where
                     let mut pending = shared.pending();
                     for out in batch.drain(..) {
                         let mut message = out.message;
-                        let seqid = pending.next_seqid();
-                        message.set_seqid(seqid);
-                        match out.reply {
-                            Some(reply) => {
-                                let deadline = now + settings.request_timeout;
-                                pending.calls.insert(seqid, Pending {
+                        let seqid = match out.reply {
+                            Some(reply) => pending.insert(
+                                now + settings.request_timeout,
+                                Pending {
                                     reply,
                                     client_seqid: out.client_seqid,
                                     method_hash: name_hash(message.name()),
-                                });
-                                pending.order.push_back((deadline, seqid));
-                            }
+                                },
+                            ),
                             // A ONEWAY call is done once written.
-                            None => endpoint.finish_one(),
-                        }
+                            None => {
+                                endpoint.finish_one();
+                                pending.next_seqid()
+                            }
+                        };
+                        message.set_seqid(seqid);
                         if buf.len() + message.as_wire().len() <= COALESCE_LIMIT {
                             buf.extend_from_slice(message.as_wire());
                         } else {
@@ -529,7 +546,7 @@ where
                 if quiet >= settings.heartbeat_timeout.as_millis() as u64 {
                     return Ending::Failed(UpstreamFailure::HeartbeatTimeout);
                 }
-                let empty = shared.pending().calls.is_empty();
+                let empty = shared.pending().is_empty();
                 if empty && rx.is_empty() {
                     if endpoint.is_draining() {
                         return Ending::Drained;
@@ -557,12 +574,8 @@ fn expire(endpoint: &Endpoint, shared: &Shared) -> usize {
     let mut expired = Vec::new();
     {
         let mut pending = shared.pending();
-        while let Some(&(deadline, seqid)) = pending.order.front() {
-            if deadline > now {
-                break;
-            }
-            pending.order.pop_front();
-            if let Some(call) = pending.calls.remove(&seqid) {
+        while let Some(seqid) = pending.next_expired(now) {
+            if let Some(call) = pending.remove(seqid) {
                 expired.push(call);
             }
         }
@@ -608,7 +621,7 @@ where
                     return Ending::Failed(UpstreamFailure::BadReply);
                 }
             };
-            let call = shared.pending().calls.remove(&reply.seqid());
+            let call = shared.pending().remove(reply.seqid());
             let Some(call) = call else {
                 // A heartbeat echo (seqid 0), or the late reply of a call that timed out.
                 if !matches!(reply.message_type(), MessageType::Heartbeat) && reply.seqid() != 0 {
@@ -644,18 +657,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seqids_skip_zero_and_wrap() {
-        let mut map = PendingMap {
-            next_seqid: i32::MAX - 1,
-            ..Default::default()
-        };
-        assert_eq!(map.next_seqid(), i32::MAX);
-        assert_eq!(map.next_seqid(), 1);
-        let mut fresh = PendingMap::default();
-        assert_eq!(fresh.next_seqid(), 1);
-    }
 
     #[test]
     fn name_hash_differs_for_different_names() {

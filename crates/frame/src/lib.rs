@@ -3,6 +3,7 @@
 //! it depends on `bytes` and `thiserror` only (no tokio, no ZooKeeper).
 //!
 //! # Layout
+//! - [`InFlight`]: calls in flight on one multiplexed connection, by rewritten seqid.
 //! - [`decode_frame`]: cut one length-prefixed frame out of a read buffer, refusing lengths
 //!   `<= 0` and over the maximum.
 //! - [`Message`]: an owned frame (length prefix included) whose strict binary header
@@ -15,6 +16,9 @@
 //! and <https://github.com/apache/thrift/blob/master/doc/specs/thrift-rpc.md>.
 
 use bytes::{Buf, BufMut, BytesMut};
+
+mod inflight;
+pub use inflight::InFlight;
 
 /// Largest frame accepted by default (the Go original's `DEFAULT_MAX_LENGTH`).
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 16_384_000;
