@@ -10,54 +10,32 @@ use rpc_config::LbConfig;
 use rpc_registry::EndpointInfo;
 use rpc_runtime::exit;
 use rpc_runtime::listener::Listener;
+use rpc_runtime::startup::{self, CommonArgs};
 
 /// Per-service-instance load balancer: proxies call in, Python workers dial in.
 #[derive(Debug, Parser)]
 #[command(name = "rpc_lb", version, disable_version_flag = true)]
 struct Cli {
-    /// Configuration file (config.ini).
-    #[arg(short = 'c', long = "config", value_name = "CONFIG")]
-    config: PathBuf,
-    /// Log to this file, rotated daily, instead of stderr.
-    #[arg(short = 'L', long = "log-file", value_name = "LOGFILE")]
-    log_file: Option<PathBuf>,
-    /// error, warn, info or debug (default info, or debug with verbose=1).
-    #[arg(long = "log-level", value_name = "LEVEL")]
-    log_level: Option<String>,
+    #[command(flatten)]
+    common: CommonArgs,
     /// Deploy directory written into the ZooKeeper node (default: the current directory).
     #[arg(long = "work-dir", value_name = "DIR")]
     work_dir: Option<PathBuf>,
     /// Code version written into the ZooKeeper node.
     #[arg(long = "code-url-version", value_name = "VERSION", default_value = "")]
     code_url_version: String,
-    /// Accepted for compatibility with the Go original; ignored.
-    #[arg(long = "profile-address", value_name = "ADDR", hide = true)]
-    profile_address: Option<String>,
-    /// Print the version and exit.
-    #[arg(short = 'V', long = "version", action = clap::ArgAction::Version)]
-    version: Option<bool>,
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse_from(rpc_runtime::normalize_args(std::env::args_os())) {
+    let cli: Cli = match startup::parse_args(std::env::args_os()) {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    ExitCode::SUCCESS
-                }
-                _ => ExitCode::from(exit::USAGE),
-            };
-        }
+        Err(code) => return code,
     };
-    let (config, warnings) = match LbConfig::from_file(&cli.config) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("rpc_lb: {e}");
-            return ExitCode::from(exit::CONFIG);
-        }
-    };
+    let (config, warnings) =
+        match startup::load_config("rpc_lb", &cli.common.config, LbConfig::from_file) {
+            Ok(loaded) => loaded,
+            Err(code) => return code,
+        };
     let front = match rpc_lb::address::front(&config) {
         Ok(front) => front,
         Err(e) => {
@@ -65,25 +43,10 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    let level = cli
-        .log_level
-        .clone()
-        .or_else(|| config.common.verbose.then(|| "debug".to_owned()));
-    let _log = match rpc_runtime::init_logging(&rpc_runtime::LogOptions {
-        level,
-        file: cli.log_file.clone(),
-        keep_days: config.common.log_keep_days,
-        json: config.common.log_format == rpc_config::LogFormat::Json,
-    }) {
+    let _log = match startup::start_logging("rpc_lb", &cli.common, &config.common, &warnings) {
         Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("rpc_lb: {e}");
-            return ExitCode::from(exit::USAGE);
-        }
+        Err(code) => return code,
     };
-    for warning in &warnings {
-        tracing::warn!(key = warning.key, "{}", warning.message);
-    }
     let info = EndpointInfo {
         service: config.service.clone(),
         service_id: rpc_registry::service_id(&front.frontend),

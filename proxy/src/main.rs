@@ -1,73 +1,35 @@
 //! `rpc_proxy` command line: parse flags, read the configuration, set up logging, bind the
 //! client socket, run until SIGTERM/SIGINT, drain, exit. See `lib.rs` for the shutdown order.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use rpc_config::ProxyConfig;
 use rpc_runtime::exit;
+use rpc_runtime::startup::{self, CommonArgs};
 
 /// Per-host Thrift sidecar: routes `service:method` calls to endpoints found in ZooKeeper.
 #[derive(Debug, Parser)]
 #[command(name = "rpc_proxy", version, disable_version_flag = true)]
 struct Cli {
-    /// Configuration file (config.ini).
-    #[arg(short = 'c', long = "config", value_name = "CONFIG")]
-    config: PathBuf,
-    /// Log to this file, rotated daily, instead of stderr.
-    #[arg(short = 'L', long = "log-file", value_name = "LOGFILE")]
-    log_file: Option<PathBuf>,
-    /// error, warn, info or debug (default info, or debug with verbose=1).
-    #[arg(long = "log-level", value_name = "LEVEL")]
-    log_level: Option<String>,
-    /// Accepted for compatibility with the Go original; ignored.
-    #[arg(long = "profile-address", value_name = "ADDR", hide = true)]
-    profile_address: Option<String>,
-    /// Print the version and exit.
-    #[arg(short = 'V', long = "version", action = clap::ArgAction::Version)]
-    version: Option<bool>,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse_from(rpc_runtime::normalize_args(std::env::args_os())) {
+    let cli: Cli = match startup::parse_args(std::env::args_os()) {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    ExitCode::SUCCESS
-                }
-                _ => ExitCode::from(exit::USAGE),
-            };
-        }
+        Err(code) => return code,
     };
-    let (config, warnings) = match ProxyConfig::from_file(&cli.config) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("rpc_proxy: {e}");
-            return ExitCode::from(exit::CONFIG);
-        }
-    };
-    let level = cli
-        .log_level
-        .clone()
-        .or_else(|| config.common.verbose.then(|| "debug".to_owned()));
-    let _log = match rpc_runtime::init_logging(&rpc_runtime::LogOptions {
-        level,
-        file: cli.log_file.clone(),
-        keep_days: config.common.log_keep_days,
-        json: config.common.log_format == rpc_config::LogFormat::Json,
-    }) {
+    let (config, warnings) =
+        match startup::load_config("rpc_proxy", &cli.common.config, ProxyConfig::from_file) {
+            Ok(loaded) => loaded,
+            Err(code) => return code,
+        };
+    let _log = match startup::start_logging("rpc_proxy", &cli.common, &config.common, &warnings) {
         Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("rpc_proxy: {e}");
-            return ExitCode::from(exit::USAGE);
-        }
+        Err(code) => return code,
     };
-    for warning in &warnings {
-        tracing::warn!(key = warning.key, "{}", warning.message);
-    }
     let runtime = match rpc_runtime::build_runtime(config.common.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {

@@ -9,9 +9,11 @@
 //! - [`init_logging`]: `tracing` to stderr or a daily-rotated file, text or JSON.
 //! - [`notify_ready`], [`notify_stopping`]: systemd `Type=notify`.
 //! - [`listener`]: listening sockets (unix or TCP) and connecting.
+//! - [`startup`]: the shared flags, config loading and logging set-up of both `main`s.
 //! - [`normalize_args`]: accept `-log_level`, `-work_dir`, ... as the Go original spelled them.
 
 pub mod listener;
+pub mod startup;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,97 @@
+//! The start of both binaries' `main`: the flags they share, parsing them with the CONTRACT's
+//! exit codes, reading the configuration, and logging set up from flags and configuration.
+//! Runs before the runtime exists; every failure is one line on stderr and an exit code.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use rpc_config::{CommonConfig, ConfigError, ConfigWarning, LogFormat};
+
+use crate::{LogGuard, LogOptions, exit, init_logging, normalize_args};
+
+/// The flags of `rpc_proxy` and `rpc_lb` alike (CONTRACT section 5); each binary flattens it
+/// into its own `clap` parser.
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    /// Configuration file (config.ini).
+    #[arg(short = 'c', long = "config", value_name = "CONFIG")]
+    pub config: PathBuf,
+    /// Log to this file, rotated daily, instead of stderr.
+    #[arg(short = 'L', long = "log-file", value_name = "LOGFILE")]
+    pub log_file: Option<PathBuf>,
+    /// error, warn, info or debug (default info, or debug with verbose=1).
+    #[arg(long = "log-level", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Accepted for compatibility with the Go original; ignored.
+    #[arg(long = "profile-address", value_name = "ADDR", hide = true)]
+    pub profile_address: Option<String>,
+    /// Print the version and exit.
+    #[arg(short = 'V', long = "version", action = clap::ArgAction::Version)]
+    pub version: Option<bool>,
+}
+
+/// Parses `args` (the Go original's spellings accepted, see [`normalize_args`]).
+///
+/// # Errors
+/// The exit code to leave with, after clap printed why: 0 for `--help` and `--version`, 64
+/// for bad usage.
+pub fn parse_args<T: clap::Parser>(
+    args: impl IntoIterator<Item = OsString>,
+) -> Result<T, ExitCode> {
+    T::try_parse_from(normalize_args(args)).map_err(|e| {
+        let _ = e.print();
+        match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                ExitCode::SUCCESS
+            }
+            _ => ExitCode::from(exit::USAGE),
+        }
+    })
+}
+
+/// Reads the configuration with `read` (e.g. `ProxyConfig::from_file`).
+///
+/// # Errors
+/// Exit code 78 after one line `<binary>: <error>` on stderr.
+pub fn load_config<C>(
+    binary: &str,
+    path: &Path,
+    read: impl FnOnce(&Path) -> Result<(C, Vec<ConfigWarning>), ConfigError>,
+) -> Result<(C, Vec<ConfigWarning>), ExitCode> {
+    read(path).map_err(|e| {
+        eprintln!("{binary}: {e}");
+        ExitCode::from(exit::CONFIG)
+    })
+}
+
+/// Sets up logging from the flags and the configuration, then logs the configuration's
+/// warnings. Keep the guard until the process ends.
+///
+/// # Errors
+/// Exit code 64 after one line on stderr (e.g. a bad `--log-level` or an unwritable `-L`).
+pub fn start_logging(
+    binary: &str,
+    args: &CommonArgs,
+    common: &CommonConfig,
+    warnings: &[ConfigWarning],
+) -> Result<LogGuard, ExitCode> {
+    let level = args
+        .log_level
+        .clone()
+        .or_else(|| common.verbose.then(|| "debug".to_owned()));
+    let guard = init_logging(&LogOptions {
+        level,
+        file: args.log_file.clone(),
+        keep_days: common.log_keep_days,
+        json: common.log_format == LogFormat::Json,
+    })
+    .map_err(|e| {
+        eprintln!("{binary}: {e}");
+        ExitCode::from(exit::USAGE)
+    })?;
+    for warning in warnings {
+        tracing::warn!(key = warning.key, "{}", warning.message);
+    }
+    Ok(guard)
+}
