@@ -56,6 +56,23 @@ pub(crate) fn is_terminal(state: zk::SessionState) -> bool {
     state.is_terminated()
 }
 
+/// Resolves once `client`'s session is not connected (disconnected, or over for good).
+///
+/// A request made while a session is disconnected waits in the client and is sent when the
+/// session reconnects, even after the client was dropped (then followed by closing the
+/// session): so a session given up while disconnected may still write later. Racing a
+/// session's writes against this lets a caller stop issuing them as soon as it is lost.
+pub(crate) async fn until_disconnected(client: &zk::Client) {
+    let mut state = client.state_watcher();
+    while matches!(
+        state.state(),
+        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+    ) {
+        // Never blocks on a terminal state: those end the loop before this wait.
+        state.changed().await;
+    }
+}
+
 /// How long a session may stay disconnected before new sessions are tried besides it. The
 /// library's own first retries (up to 1.5 s after the loss) are as quick as ours; after
 /// them its gaps grow past our cap.
@@ -63,6 +80,10 @@ pub(crate) const TAKEOVER_AFTER: Duration = Duration::from_secs(2);
 
 /// Connects new sessions until one is established, waiting `backoff` between attempts.
 /// The first failure of a run is logged as a warning, the others at debug level.
+///
+/// `backoff` is reset once connected: pass a [`Backoff::reconnect`] used for connecting
+/// only, never one that also spaces out retries of failed calls (those would then be
+/// retried at the shortest delay after every connect).
 pub(crate) async fn connect_retrying(settings: &ZkSettings, backoff: &mut Backoff) -> zk::Client {
     let mut failing = false;
     loop {
