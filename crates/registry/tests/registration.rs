@@ -16,6 +16,13 @@ const PRODUCT: &str = "reg";
 /// again. Generous: it takes one round trip after the watch fires.
 const HEAL_BOUND: Duration = Duration::from_secs(5);
 
+/// Registers `lb` under [`PRODUCT`] with the given session timeout; panics if it fails.
+async fn register(servers: &str, lb: &EndpointInfo, session: Duration) -> Registration {
+    Registration::register(settings(servers, session), PRODUCT.into(), lb.clone())
+        .await
+        .expect("registers")
+}
+
 /// The node's JSON and owner session (`None` if it does not exist).
 async fn read_node(zkc: &zk::Client, path: &str) -> Option<(EndpointInfo, i64)> {
     match zkc.get_data(path).await {
@@ -31,13 +38,7 @@ async fn registers_an_ephemeral_node_and_deregisters() {
     let zk = ZkServer::start();
     let servers = zk.connect_string();
     let lb = info("echo", "10.4.10.2:5555");
-    let reg = Registration::register(
-        settings(&servers, Duration::from_secs(10)),
-        PRODUCT.into(),
-        lb.clone(),
-    )
-    .await
-    .expect("registers");
+    let reg = register(&servers, &lb, Duration::from_secs(10)).await;
     let path = endpoint_path(PRODUCT, "echo", "10_4_10_2_5555");
     assert_eq!(reg.path(), path);
     assert!(reg.is_registered());
@@ -97,13 +98,7 @@ async fn replaces_a_stale_node() {
     let marker = "/old-session-marker";
     old.create(marker, &[], &ephemeral()).await.unwrap();
 
-    let reg = Registration::register(
-        settings(&servers, Duration::from_secs(10)),
-        PRODUCT.into(),
-        lb.clone(),
-    )
-    .await
-    .expect("registers over a stale node");
+    let reg = register(&servers, &lb, Duration::from_secs(10)).await;
     let zkc = client(&servers).await;
     let (json, owner) = read_node(&zkc, &path).await.expect("node exists");
     assert_eq!(json, lb);
@@ -124,13 +119,7 @@ async fn dropping_the_registration_removes_the_node() {
     let zk = ZkServer::start();
     let servers = zk.connect_string();
     let lb = info("echo", "/tmp/echo.sock");
-    let reg = Registration::register(
-        settings(&servers, Duration::from_secs(10)),
-        PRODUCT.into(),
-        lb.clone(),
-    )
-    .await
-    .unwrap();
+    let reg = register(&servers, &lb, Duration::from_secs(10)).await;
     let path = reg.path().to_owned();
     let zkc = client(&servers).await;
     assert!(read_node(&zkc, &path).await.is_some());
@@ -152,13 +141,7 @@ async fn registers_again_after_session_expiry() {
     let mut zk = ZkServer::start();
     let servers = zk.connect_string();
     let lb = info("echo", "10.0.0.7:7000");
-    let reg = Registration::register(
-        settings(&servers, Duration::from_secs(2)),
-        PRODUCT.into(),
-        lb.clone(),
-    )
-    .await
-    .unwrap();
+    let reg = register(&servers, &lb, Duration::from_secs(2)).await;
     let path = reg.path().to_owned();
     let first_owner = {
         let zkc = client(&servers).await;
@@ -212,13 +195,7 @@ async fn a_node_deleted_under_its_live_session_is_made_again() {
     let zk = ZkServer::start();
     let servers = zk.connect_string();
     let lb = info("echo", "10.0.0.5:5000");
-    let reg = Registration::register(
-        settings(&servers, Duration::from_secs(10)),
-        PRODUCT.into(),
-        lb.clone(),
-    )
-    .await
-    .expect("registers");
+    let reg = register(&servers, &lb, Duration::from_secs(10)).await;
     let path = reg.path().to_owned();
     let zkc = client(&servers).await;
     let (_, owner) = read_node(&zkc, &path).await.expect("registered");
@@ -253,13 +230,7 @@ async fn leaves_a_node_of_another_live_session_alone_until_it_goes() {
     let zk = ZkServer::start();
     let servers = zk.connect_string();
     let lb = info("echo", "10.0.0.6:6000");
-    let reg = Registration::register(
-        settings(&servers, Duration::from_secs(10)),
-        PRODUCT.into(),
-        lb.clone(),
-    )
-    .await
-    .expect("registers");
+    let reg = register(&servers, &lb, Duration::from_secs(10)).await;
     let path = reg.path().to_owned();
     let zkc = client(&servers).await;
     let (_, owner) = read_node(&zkc, &path).await.expect("registered");
