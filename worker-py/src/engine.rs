@@ -293,12 +293,16 @@ struct Job {
 
 /// The calls waiting for a pool thread. Unbounded on purpose: the reader must never block
 /// (pings), and the LB bounds what it sends to the capacity announced in HELLO.
+///
+/// Wake-ups are the worker's main cost besides Python (a futex call each, and a context
+/// switch): a condvar is signalled only when a thread sleeps on it, and never with the lock
+/// held (the woken thread would block on the mutex at once).
 #[derive(Default)]
 struct Queue {
     state: Mutex<QueueState>,
     /// A job arrived or the queue closed.
     ready: Condvar,
-    /// A pool thread finished a job.
+    /// A pool thread finished a job while [`Queue::wait_idle`] waits.
     idle: Condvar,
 }
 
@@ -308,22 +312,39 @@ struct QueueState {
     closed: bool,
     /// Jobs taken by pool threads and not finished.
     busy: usize,
+    /// Pool threads waiting on `ready`.
+    sleeping: usize,
+    /// Someone waits on `idle`.
+    draining: bool,
 }
 
 impl Queue {
     fn push(&self, job: Job) {
-        let mut state = lock(&self.state);
-        if state.closed {
-            job.conn.release();
-            return;
+        let wake = {
+            let mut state = lock(&self.state);
+            if state.closed {
+                drop(state);
+                job.conn.release();
+                return;
+            }
+            state.jobs.push_back(job);
+            state.sleeping > 0
+        };
+        if wake {
+            self.ready.notify_one();
         }
-        state.jobs.push_back(job);
-        self.ready.notify_one();
     }
 
-    /// The next job, blocking; `None` once the queue is closed.
-    fn pop(&self) -> Option<Job> {
+    /// The next job, blocking; `None` once the queue is closed. `finished` says the caller
+    /// just finished the job it took before (one lock for both).
+    fn next(&self, finished: bool) -> Option<Job> {
         let mut state = lock(&self.state);
+        if finished {
+            state.busy -= 1;
+            if state.draining {
+                self.idle.notify_all();
+            }
+        }
         loop {
             if state.closed {
                 return None;
@@ -332,17 +353,13 @@ impl Queue {
                 state.busy += 1;
                 return Some(job);
             }
+            state.sleeping += 1;
             state = self
                 .ready
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
+            state.sleeping -= 1;
         }
-    }
-
-    fn done(&self) {
-        let mut state = lock(&self.state);
-        state.busy -= 1;
-        self.idle.notify_all();
     }
 
     /// Closes the queue (pool threads exit after their current job) and drops waiting jobs.
@@ -350,9 +367,9 @@ impl Queue {
         let jobs = {
             let mut state = lock(&self.state);
             state.closed = true;
-            self.ready.notify_all();
             std::mem::take(&mut state.jobs)
         };
+        self.ready.notify_all();
         for job in jobs {
             job.conn.release();
         }
@@ -361,6 +378,7 @@ impl Queue {
     /// Waits until no job runs or `deadline` passes; returns the jobs still running.
     fn wait_idle(&self, deadline: Instant) -> usize {
         let mut state = lock(&self.state);
+        state.draining = true;
         while state.busy > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -830,23 +848,36 @@ fn close_gracefully(reader: &mut Stream, conn: &Conn) {
     conn.control.shutdown(Shutdown::Both);
 }
 
-/// A pool thread: takes calls until the queue closes.
+/// A pool thread: takes calls until the queue closes. Writing a reply and taking the next
+/// call happen in one section without the GIL (one release and one re-acquire per call).
 fn pool_loop<H: Handler>(handler: &H, queue: &Queue, log: &dyn LogSink, max_frame_size: usize) {
-    while let Some(job) = handler.blocking(|| queue.pop()) {
+    let mut finished: Option<(Job, Option<BytesMut>)> = None;
+    loop {
+        let next = handler.blocking(|| {
+            let done = finished.take().map(|(job, frame)| {
+                if let Some(frame) = frame {
+                    job.conn.send(&frame);
+                }
+                job.conn.release();
+            });
+            queue.next(done.is_some())
+        });
+        let Some(job) = next else {
+            return;
+        };
         // The connection is gone: the LB already failed this call, don't run it for nothing.
-        if !job.conn.is_broken() {
+        let frame = if job.conn.is_broken() {
+            None
+        } else {
             let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&job.message)))
                 .unwrap_or_else(|_| Outcome::Failed("the worker runtime panicked".to_owned()));
             let plan = plan_reply(&job.message, outcome, max_frame_size);
             if let Some((level, text)) = plan.note {
                 log.log(level, text);
             }
-            if let Some(frame) = plan.frame {
-                handler.blocking(|| job.conn.send(&frame));
-            }
-        }
-        job.conn.release();
-        queue.done();
+            plan.frame
+        };
+        finished = Some((job, frame));
     }
 }
 
@@ -1125,5 +1156,50 @@ mod tests {
         signal.stop();
         assert_eq!(signal.requested_at(), first, "idempotent");
         assert!(waiter.join().unwrap());
+    }
+
+    fn job(seqid: i32) -> Job {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let conn = Conn::new(Stream::Unix(ours.try_clone().unwrap()), Stream::Unix(ours));
+        conn.hold();
+        Job {
+            message: Message::parse(encode_message(MessageType::Call, "m", seqid, b"\x00"))
+                .unwrap(),
+            conn: Arc::new(conn),
+        }
+    }
+
+    #[test]
+    fn queue_hands_jobs_to_sleepers_and_reports_idle() {
+        let queue = Arc::new(Queue::default());
+        // Queued before anyone sleeps: taken without a wake-up.
+        queue.push(job(1));
+        assert_eq!(queue.next(false).unwrap().message.seqid(), 1);
+
+        // A thread that finished job 1 sleeps for the next one; a push wakes it.
+        let (taken, seen) = mpsc::channel();
+        let taker = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                let mut finished = true;
+                while let Some(job) = queue.next(finished) {
+                    taken.send(job.message.seqid()).unwrap();
+                    finished = true;
+                }
+            })
+        };
+        queue.push(job(2));
+        assert_eq!(seen.recv_timeout(Duration::from_secs(10)), Ok(2));
+
+        // wait_idle sees job 2 finish (the taker's next `next`), then close ends the taker.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert_eq!(queue.wait_idle(deadline), 0);
+        assert!(Instant::now() < deadline);
+        queue.close();
+        taker.join().unwrap();
+        let late = job(3);
+        let conn = Arc::clone(&late.conn);
+        queue.push(late);
+        assert_eq!(conn.held(), 0, "a job pushed after close is released");
     }
 }
