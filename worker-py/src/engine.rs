@@ -8,11 +8,18 @@
 //! live in [`crate::protocol`].
 //!
 //! # Threads
-//! - The *connection loop* ([`Engine::run`]'s thread) owns the read half of the socket. It
-//!   never runs the handler, so pings are echoed while every pool thread is busy (and, in
-//!   Python, without the GIL).
-//! - `pool_size` *pool threads* take calls from a queue, run the handler and write the reply.
-//!   A call is *held* from the moment it is read until its reply is written to the socket.
+//! - `pool_size` *pool threads* run the handler. A pool thread with nothing to run becomes
+//!   the connection's *reader* (leader/follower): it reads frames, echoes pings, and takes the
+//!   first call it reads for itself, so a call costs no hand-off between threads (no futex
+//!   wake-up, no context switch). Further calls read in the same batch are queued for the other
+//!   pool threads, and the next idle one takes over reading.
+//! - The *connection thread* ([`Engine::run`]'s thread) dials, sends HELLO and reconnects.
+//!   While a connection is served it reads only when no pool thread has for a whole [`TICK`]
+//!   (every one is busy in a handler), so pings are still echoed and the end of the
+//!   connection is still seen when every handler hangs (and, in Python, without the GIL).
+//! - Whoever reads also runs the connection's decisions ([`crate::protocol::ConnState`]):
+//!   STOP, the close once every held call is answered, the heartbeat timeout.
+//! - A call is *held* from the moment it is read until its reply is written to the socket.
 //! - Writes (pings, replies, STOP) share one writer under a mutex, one whole frame at a time.
 
 use std::collections::VecDeque;
@@ -291,19 +298,22 @@ struct Job {
     conn: Arc<Conn>,
 }
 
-/// The calls waiting for a pool thread. Unbounded on purpose: the reader must never block
-/// (pings), and the LB bounds what it sends to the capacity announced in HELLO.
+/// The calls waiting for a pool thread, and who reads the connection next. Unbounded on
+/// purpose: the reader must never block (pings), and the LB bounds what it sends to the
+/// capacity announced in HELLO.
 ///
 /// Wake-ups are the worker's main cost besides Python (a futex call each, and a context
 /// switch): a condvar is signalled only when a thread sleeps on it, and never with the lock
-/// held (the woken thread would block on the mutex at once).
+/// held on the hot path (the woken thread would block on the mutex at once).
 #[derive(Default)]
 struct Queue {
     state: Mutex<QueueState>,
-    /// A job arrived or the queue closed.
+    /// A job arrived, the reader role came free, a connection began, or the queue closed.
     ready: Condvar,
     /// A pool thread finished a job while [`Queue::wait_idle`] waits.
     idle: Condvar,
+    /// The connection ended (for the connection thread in [`Queue::watch`]).
+    io: Condvar,
 }
 
 #[derive(Default)]
@@ -316,6 +326,25 @@ struct QueueState {
     sleeping: usize,
     /// Someone waits on `idle`.
     draining: bool,
+    /// The connection being served, while it is.
+    session: Option<Arc<Session>>,
+    /// Some thread is reading the session (at most one does).
+    reading: bool,
+    /// Turns taken at reading by pool threads; the connection thread reads only after a
+    /// whole [`TICK`] without one.
+    turns: u64,
+    /// How the session ended, for the connection thread.
+    ended: Option<End>,
+}
+
+/// What one turn at reading gave.
+enum Step {
+    /// Nothing to run (a timeout tick, pings, or calls queued for others).
+    Idle,
+    /// A call the reader took for itself.
+    Claimed(Job),
+    /// The connection is over.
+    Ended(End),
 }
 
 impl Queue {
@@ -335,8 +364,26 @@ impl Queue {
         }
     }
 
-    /// The next job, blocking; `None` once the queue is closed. `finished` says the caller
-    /// just finished the job it took before (one lock for both).
+    /// Starts serving `session`: the idle pool threads compete to read it.
+    fn attach(&self, session: Arc<Session>) {
+        let mut state = lock(&self.state);
+        state.session = Some(session);
+        state.ended = None;
+        state.reading = false;
+        drop(state);
+        self.ready.notify_all();
+    }
+
+    /// Records the end of the session (under the lock).
+    fn end_session(&self, state: &mut QueueState, end: End) {
+        state.session = None;
+        state.ended = Some(end);
+        self.io.notify_all();
+    }
+
+    /// The next job for a pool thread, blocking; `None` once the queue is closed. `finished`
+    /// says the caller just finished the job it took before (one lock for both). With no job
+    /// waiting and nobody reading, the caller reads the connection itself.
     fn next(&self, finished: bool) -> Option<Job> {
         let mut state = lock(&self.state);
         if finished {
@@ -353,12 +400,83 @@ impl Queue {
                 state.busy += 1;
                 return Some(job);
             }
+            if let (false, Some(session)) = (state.reading, state.session.clone()) {
+                state.reading = true;
+                state.turns += 1;
+                drop(state);
+                let step = session.step(self, true);
+                state = lock(&self.state);
+                state.reading = false;
+                match step {
+                    // Still this thread's turn: read again (the loop holds the lock, so
+                    // nobody else saw the role free).
+                    Step::Idle => {}
+                    Step::Claimed(job) => {
+                        state.busy += 1;
+                        let hand_over = state.sleeping > 0;
+                        drop(state);
+                        if hand_over {
+                            self.ready.notify_one();
+                        }
+                        return Some(job);
+                    }
+                    Step::Ended(end) => self.end_session(&mut state, end),
+                }
+                continue;
+            }
             state.sleeping += 1;
             state = self
                 .ready
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
             state.sleeping -= 1;
+        }
+    }
+
+    /// The connection thread's part while `session` is served: it reads whenever no pool
+    /// thread has for a whole [`TICK`] (all busy in handlers); returns how the session ended.
+    fn watch(&self, session: &Session) -> End {
+        let mut state = lock(&self.state);
+        let mut seen_turns = state.turns;
+        loop {
+            if let Some(end) = state.ended.take() {
+                return end;
+            }
+            if state.reading || state.sleeping > 0 || state.turns != seen_turns {
+                if !state.reading && state.sleeping > 0 {
+                    // The role is free and a pool thread waits: it should be reading.
+                    self.ready.notify_one();
+                }
+                seen_turns = state.turns;
+                state = self
+                    .io
+                    .wait_timeout(state, TICK)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
+            }
+            state.reading = true;
+            drop(state);
+            let step = session.step(self, false);
+            state = lock(&self.state);
+            state.reading = false;
+            match step {
+                Step::Ended(end) => {
+                    state.session = None;
+                    return end;
+                }
+                Step::Idle => {}
+                // Not asked for (the connection thread never runs handlers); queued anyway.
+                Step::Claimed(job) => {
+                    drop(state);
+                    self.push(job);
+                    state = lock(&self.state);
+                }
+            }
+            seen_turns = state.turns;
+            if state.sleeping > 0 {
+                self.ready.notify_one();
+            }
         }
     }
 
@@ -614,7 +732,6 @@ impl<H: Handler> Engine<H> {
                 return End::Reconnect;
             }
         };
-        let mut reader = stream;
         let pid = std::process::id();
         let hello = Hello {
             pool_size: i32::try_from(self.config.pool_size).unwrap_or(i32::MAX),
@@ -637,94 +754,164 @@ impl<H: Handler> Engine<H> {
             ),
         );
 
-        let mut state = ConnState::new(Instant::now(), self.config.timings);
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let mut chunk = vec![0u8; READ_CHUNK];
-        let mut ignored = 0u32;
-        loop {
-            let now = Instant::now();
-            if self.stop.is_requested() && state.begin_stop(now) {
+        let session = Arc::new(Session {
+            reading: Mutex::new(Reading {
+                stream,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                chunk: vec![0u8; READ_CHUNK],
+                state: ConnState::new(Instant::now(), self.config.timings),
+                ignored: 0,
+            }),
+            conn,
+            stop: Arc::clone(&self.stop),
+            log: Arc::clone(&self.log),
+            max_frame_size: self.config.max_frame_size,
+            timings: self.config.timings,
+        });
+        queue.attach(Arc::clone(&session));
+        queue.watch(&session)
+    }
+}
+
+// === Session ===
+
+/// The read side of one connection: whoever holds it reads (one thread at a time, by
+/// [`QueueState::reading`]).
+struct Reading {
+    /// The socket, with a [`TICK`] read timeout.
+    stream: Stream,
+    /// Bytes read and not yet cut into frames.
+    buf: BytesMut,
+    /// Scratch space for one read.
+    chunk: Vec<u8>,
+    /// The connection's decisions.
+    state: ConnState,
+    /// Frames of an ignored type seen so far.
+    ignored: u32,
+}
+
+/// One connection to the LB while it is served, shared by the connection thread and the pool
+/// threads.
+struct Session {
+    /// The write side, and the count of held calls.
+    conn: Arc<Conn>,
+    /// The read side; locked only by the thread whose turn it is.
+    reading: Mutex<Reading>,
+    /// The worker's stop request (turned into STOP by the reader).
+    stop: Arc<StopSignal>,
+    /// Where log lines go.
+    log: Arc<dyn LogSink>,
+    /// Largest frame accepted from the LB.
+    max_frame_size: usize,
+    /// For log lines about closes.
+    timings: Timings,
+}
+
+impl Session {
+    fn log(&self, level: Level, message: String) {
+        self.log.log(level, message);
+    }
+
+    /// One turn at reading: acts on a stop request, closes when the connection's decisions
+    /// say so, reads once (at most [`TICK`]) and acts on every whole frame. With `claim`, the
+    /// first call read is returned to run on this thread; others are queued.
+    fn step(&self, queue: &Queue, claim: bool) -> Step {
+        let conn = &self.conn;
+        let mut reading = lock(&self.reading);
+        let reading = &mut *reading;
+        let now = Instant::now();
+        if self.stop.is_requested() && reading.state.begin_stop(now) {
+            self.log(
+                Level::Info,
+                format!(
+                    "stopping: sent STOP to the LB; {} call(s) held",
+                    conn.held()
+                ),
+            );
+            if !conn.send(&rpc_frame::stop()) {
                 self.log(
-                    Level::Info,
-                    format!(
-                        "stopping: sent STOP to the LB; {} call(s) held",
-                        conn.held()
-                    ),
+                    Level::Warning,
+                    "could not send STOP: the connection to the LB is lost".to_owned(),
                 );
-                if !conn.send(&rpc_frame::stop()) {
-                    self.log(
-                        Level::Warning,
-                        "could not send STOP: the connection to the LB is lost".to_owned(),
-                    );
-                    return End::Stopped;
-                }
+                return Step::Ended(End::Stopped);
             }
-            if let Some(close) = state.poll(now, conn.held()) {
-                self.log_close(close, &state);
-                if close.is_graceful() {
-                    close_gracefully(&mut reader, &conn);
-                } else {
-                    conn.kill();
-                }
-                return close.end();
+        }
+        if let Some(close) = reading.state.poll(now, conn.held()) {
+            self.log_close(close, &reading.state);
+            if close.is_graceful() {
+                close_gracefully(&mut reading.stream, conn);
+            } else {
+                conn.kill();
             }
-            if conn.is_broken() {
-                self.log_lost("writing to the LB failed", conn.held());
-                return state.on_lost();
+            return Step::Ended(close.end());
+        }
+        if conn.is_broken() {
+            self.log_lost("writing to the LB failed", conn.held());
+            return Step::Ended(reading.state.on_lost());
+        }
+        match reading.stream.read(&mut reading.chunk) {
+            Ok(0) => {
+                conn.kill();
+                self.log_lost("the LB closed the connection", conn.held());
+                Step::Ended(reading.state.on_lost())
             }
-            match reader.read(&mut chunk) {
-                Ok(0) => {
-                    conn.kill();
-                    self.log_lost("the LB closed the connection", conn.held());
-                    return state.on_lost();
-                }
-                Ok(read) => {
-                    buf.extend_from_slice(&chunk[..read]);
-                    if let Err(reason) =
-                        self.take_frames(&mut buf, &mut state, &conn, queue, &mut ignored)
-                    {
+            Ok(read) => {
+                reading.buf.extend_from_slice(&reading.chunk[..read]);
+                match self.take_frames(reading, queue, claim) {
+                    Ok(Some(job)) => Step::Claimed(job),
+                    Ok(None) => Step::Idle,
+                    Err(reason) => {
                         conn.kill();
                         self.log(
                             Level::Warning,
                             format!("{reason}; dropping the connection to the LB"),
                         );
-                        return state.on_lost();
+                        Step::Ended(reading.state.on_lost())
                     }
                 }
-                Err(err) if is_timeout(&err) => {}
-                Err(err) => {
-                    conn.kill();
-                    self.log_lost(&format!("reading from the LB failed ({err})"), conn.held());
-                    return state.on_lost();
-                }
+            }
+            Err(err) if is_timeout(&err) => Step::Idle,
+            Err(err) => {
+                conn.kill();
+                self.log_lost(&format!("reading from the LB failed ({err})"), conn.held());
+                Step::Ended(reading.state.on_lost())
             }
         }
     }
 
-    /// Acts on every whole frame in `buf`. `Err` names a frame that cannot be a message.
+    /// Acts on every whole frame read; with `claim`, the first call is returned instead of
+    /// queued. `Err` names a frame that cannot be a message.
     fn take_frames(
         &self,
-        buf: &mut BytesMut,
-        state: &mut ConnState,
-        conn: &Arc<Conn>,
+        reading: &mut Reading,
         queue: &Queue,
-        ignored: &mut u32,
-    ) -> Result<(), String> {
-        while let Some(frame) = decode_frame(buf, self.config.max_frame_size)
+        claim: bool,
+    ) -> Result<Option<Job>, String> {
+        let conn = &self.conn;
+        let mut claimed = None;
+        while let Some(frame) = decode_frame(&mut reading.buf, self.max_frame_size)
             .map_err(|err| format!("the LB sent a bad frame ({err})"))?
         {
             let message = Message::parse(frame).map_err(|(_, err)| {
                 format!("the LB sent a frame that is not a strict binary message ({err})")
             })?;
-            match state.on_frame(message.message_type(), Instant::now()) {
+            match reading
+                .state
+                .on_frame(message.message_type(), Instant::now())
+            {
                 Action::Dispatch => {
                     conn.hold();
-                    queue.push(Job {
+                    let job = Job {
                         message,
                         conn: Arc::clone(conn),
-                    });
+                    };
+                    if claim && claimed.is_none() {
+                        claimed = Some(job);
+                    } else {
+                        queue.push(job);
+                    }
                 }
-                // Unchanged, from this thread: a busy pool never delays a ping.
+                // Unchanged, by the reader: no handler runs on this thread now.
                 Action::Echo => {
                     conn.send(message.as_wire());
                 }
@@ -744,8 +931,8 @@ impl<H: Handler> Engine<H> {
                     );
                 }
                 Action::Ignore => {
-                    *ignored += 1;
-                    let level = if *ignored <= IGNORED_WARNINGS {
+                    reading.ignored += 1;
+                    let level = if reading.ignored <= IGNORED_WARNINGS {
                         Level::Warning
                     } else {
                         Level::Debug
@@ -762,11 +949,11 @@ impl<H: Handler> Engine<H> {
                 }
             }
         }
-        Ok(())
+        Ok(claimed)
     }
 
     fn log_close(&self, close: Close, state: &ConnState) {
-        let grace = self.config.timings.stop_grace.as_secs_f64();
+        let grace = self.timings.stop_grace.as_secs_f64();
         let (level, text) = match close {
             Close::Stopped => {
                 let confirmed = matches!(
@@ -801,7 +988,7 @@ impl<H: Handler> Engine<H> {
                 Level::Warning,
                 format!(
                     "no frame from the LB for {} s after it pinged; dropping the connection",
-                    self.config.timings.heartbeat_timeout.as_secs_f64()
+                    self.timings.heartbeat_timeout.as_secs_f64()
                 ),
             ),
         };
@@ -899,8 +1086,25 @@ mod tests {
     }
 
     /// Echoes the call body back as a REPLY; a body starting with `s` sleeps 300 ms first,
-    /// `f` fails, `n` writes nothing.
+    /// `f` fails, `n` writes nothing, `b` waits (up to 5 s) until two `b` calls run at once
+    /// and fails if they never do.
     struct TestHandler;
+
+    /// `b` calls running now (only one test sends them).
+    static RENDEZVOUS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+    /// Whether a second `b` call joined this one within 5 s.
+    fn rendezvous() -> bool {
+        let (count, changed) = &RENDEZVOUS;
+        let mut count = lock(count);
+        *count += 1;
+        changed.notify_all();
+        let (count, timeout) = changed
+            .wait_timeout_while(count, Duration::from_secs(5), |count| *count < 2)
+            .unwrap();
+        drop(count);
+        !timeout.timed_out()
+    }
 
     impl Handler for TestHandler {
         fn handle(&self, request: &Message) -> Outcome {
@@ -908,6 +1112,9 @@ mod tests {
                 Some(b's') => std::thread::sleep(Duration::from_millis(300)),
                 Some(b'f') => return Outcome::Failed("ValueError: boom".to_owned()),
                 Some(b'n') => return Outcome::NoReply,
+                Some(b'b') if !rendezvous() => {
+                    return Outcome::Failed("alone".to_owned());
+                }
                 _ => {}
             }
             let frame = encode_message(
@@ -1040,6 +1247,40 @@ mod tests {
         let slow = conn.read().unwrap();
         assert_eq!(slow.seqid(), 8);
         assert!(conn.read().is_none(), "closed after the last reply");
+        done.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn calls_read_together_run_at_once_and_pings_pass_busy_threads() {
+        // Two calls in one write: the reader runs one, queues the other for the idle thread.
+        let lb = FakeLb::new();
+        let (stop, done) = start(config(&lb, 2));
+        let mut conn = lb.accept();
+        conn.read().unwrap();
+        let mut both = encode_message(MessageType::Call, "meet", 1, b"b\x00");
+        both.extend_from_slice(&encode_message(MessageType::Call, "meet", 2, b"b\x00"));
+        conn.send(&both);
+        for _ in 0..2 {
+            let reply = conn.read().unwrap();
+            assert_eq!(reply.message_type(), MessageType::Reply, "both ran at once");
+        }
+        stop.stop();
+        assert_eq!(conn.read().unwrap().message_type(), MessageType::Stop);
+        assert!(conn.read().is_none());
+        done.recv_timeout(Duration::from_secs(5)).unwrap();
+
+        // The only pool thread is busy: the connection thread reads and echoes the ping.
+        let lb = FakeLb::new();
+        let (stop, done) = start(config(&lb, 1));
+        let mut conn = lb.accept();
+        conn.read().unwrap();
+        conn.send(&encode_message(MessageType::Call, "slow", 3, b"s\x00"));
+        conn.send(&heartbeat(42));
+        assert_eq!(conn.read().unwrap().as_wire(), &heartbeat(42)[..]);
+        assert_eq!(conn.read().unwrap().seqid(), 3);
+        stop.stop();
+        assert_eq!(conn.read().unwrap().message_type(), MessageType::Stop);
+        assert!(conn.read().is_none());
         done.recv_timeout(Duration::from_secs(5)).unwrap();
     }
 
