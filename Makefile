@@ -49,9 +49,9 @@ fuzz:
 	cd fuzz && cargo +nightly fuzz run frame corpus-scratch corpus/frame -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
 
 bench:
+	scripts/setup.sh --bench
 	cargo build --release -p rpc-bench -p rpc-proxy -p rpc-lb
-	$(PYTHON) -c 'import thrift, thriftpy2, rpc_thrift' 2>/dev/null || \
-		$(PYTHON) -m pip install -q --disable-pip-version-check thrift thriftpy2 ./worker-py
+	$(PYTHON) -m pip install -q --disable-pip-version-check ./worker-py
 	target/release/rpc-bench --no-build $(BENCH_ARGS)
 
 bench-smoke:

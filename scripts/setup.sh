@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build, the demo and the tests need on a fresh Debian machine:
 # Debian's zookeeper (jars only: it starts no daemon; never zookeeperd) and thrift-compiler,
-# and the Python test dependencies. Safe to run again; skips what is present.
+# and the Python test dependencies; with `--bench`, also haproxy (a benchmark baseline).
+# Safe to run again; skips what is present.
 set -euo pipefail
 
 SUDO=""
@@ -21,20 +22,27 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# promtool (tests check /metrics with it) comes with Debian's prometheus, whose install would
-# start a daemon: block service starts for the install, and make sure none is left running.
-if ! command -v promtool >/dev/null 2>&1; then
-    echo "setup: apt-get install prometheus (for promtool; its daemon is kept off)"
-    added_policy=""
+# Installs Debian package $1 for its binary $2 without leaving its daemon running: service
+# starts are blocked for the install (policy-rc.d), and any process named $2 is stopped.
+apt_install_quiet() {
+    local package=$1 binary=$2 added_policy=""
+    echo "setup: apt-get install $package (for $binary; its daemon is kept off)"
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
         $SUDO chmod +x /usr/sbin/policy-rc.d
         added_policy=1
     fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$package" >/dev/null
     [ -n "$added_policy" ] && $SUDO rm -f /usr/sbin/policy-rc.d
-    $SUDO pkill -x prometheus 2>/dev/null || true
+    $SUDO pkill -x "$binary" 2>/dev/null || true
+}
+
+# promtool (tests check /metrics with it) comes with Debian's prometheus.
+command -v promtool >/dev/null 2>&1 || apt_install_quiet prometheus prometheus
+# `--bench` (make bench): haproxy, a baseline of scenario 1 (the benchmark starts its own).
+if [ "${1:-}" = "--bench" ] && ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+    apt_install_quiet haproxy haproxy
 fi
 
 PY=${PYTHON:-python3}
