@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
+use rpc_admin::AdminListener;
 use rpc_config::LbConfig;
 use rpc_registry::EndpointInfo;
 use rpc_runtime::exit;
@@ -56,63 +58,34 @@ fn main() -> ExitCode {
         hostname: rpc_lb::address::hostname(),
         start_time: rpc_registry::now_start_time(),
     };
-    let runtime = match rpc_runtime::build_runtime(config.common.worker_threads) {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("rpc_lb: cannot start runtime: {e}");
-            return ExitCode::from(exit::FAILURE);
-        }
-    };
-    runtime.block_on(async move {
-        let shutdown = match rpc_runtime::shutdown_on_signals() {
-            Ok(token) => token,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install signal handlers");
-                return ExitCode::from(exit::FAILURE);
-            }
-        };
-        let mode = config.common.socket_mode;
-        let front = match Listener::bind(&front.listen, mode).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("rpc_lb: front: {e}");
-                return ExitCode::from(exit::FAILURE);
-            }
-        };
-        let back = match Listener::bind(&config.back_address, mode).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("rpc_lb: back: {e}");
-                return ExitCode::from(exit::FAILURE);
-            }
-        };
-        let admin = match config.common.admin_address.as_deref() {
-            Some(address) => match rpc_admin::AdminListener::bind(address).await {
-                Ok(admin) => Some(admin),
-                Err(e) => {
-                    eprintln!("rpc_lb: {e}");
-                    return ExitCode::from(exit::FAILURE);
-                }
-            },
-            None => None,
-        };
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            service = config.service,
-            product = config.common.product,
-            "rpc_lb starting"
-        );
-        rpc_lb::run(
-            rpc_lb::LbRun {
+    startup::serve(
+        "rpc_lb",
+        config.common.worker_threads,
+        |shutdown| async move {
+            let mode = config.common.socket_mode;
+            let front = Listener::bind(&front.listen, mode).await.context("front")?;
+            let back = Listener::bind(&config.back_address, mode)
+                .await
+                .context("back")?;
+            let admin = match config.common.admin_address.as_deref() {
+                Some(address) => Some(AdminListener::bind(address).await?),
+                None => None,
+            };
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                service = config.service,
+                product = config.common.product,
+                "rpc_lb starting"
+            );
+            let run = rpc_lb::LbRun {
                 config,
                 front,
                 back,
                 info,
                 admin,
-            },
-            shutdown,
-        )
-        .await;
-        ExitCode::SUCCESS
-    })
+            };
+            rpc_lb::run(run, shutdown).await;
+            Ok(())
+        },
+    )
 }

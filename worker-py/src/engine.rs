@@ -1,7 +1,8 @@
 //! The worker runtime between the LB's socket and the handler: dials the LB, sends HELLO,
-//! reads frames (echoing pings at once, from this thread), hands calls to `pool_size` pool
-//! threads, writes their replies, stops gracefully (STOP, wait for STOP_CONFIRM, finish and
-//! flush held calls) and reconnects with backoff when the LB goes away.
+//! reads frames (echoing pings at once, from whichever thread reads), runs calls on
+//! `pool_size` pool threads, writes their replies, stops gracefully (STOP, wait for
+//! STOP_CONFIRM, finish and flush held calls) and reconnects with backoff when the LB goes
+//! away.
 //!
 //! Pure Rust and generic over a [`Handler`]: the Python extension ([`crate::python`]) plugs in a
 //! handler that runs a Thrift processor, the unit tests a Rust one. The decisions themselves
@@ -15,8 +16,9 @@
 //!   pool threads, and the next idle one takes over reading.
 //! - The *connection thread* ([`Engine::run`]'s thread) dials, sends HELLO and reconnects.
 //!   While a connection is served it reads only when no pool thread has for a whole [`TICK`]
-//!   (every one is busy in a handler), so pings are still echoed and the end of the
-//!   connection is still seen when every handler hangs (and, in Python, without the GIL).
+//!   (every one is busy in a handler), so pings are still echoed (within about two ticks,
+//!   100 ms) and the end of the connection is still seen when every handler hangs (and, in
+//!   Python, without the GIL).
 //! - Whoever reads also runs the connection's decisions ([`crate::protocol::ConnState`]):
 //!   STOP, the close once every held call is answered, the heartbeat timeout.
 //! - A call is *held* from the moment it is read until its reply is written to the socket.
@@ -125,7 +127,8 @@ impl Level {
     }
 }
 
-/// Where the engine's log lines go. Called from the engine's threads, never with a lock held.
+/// Where the engine's log lines go. Called from the engine's threads; the reader may hold the
+/// uncontended lock of the connection's read side.
 pub trait LogSink: Send + Sync {
     /// Records one line.
     fn log(&self, level: Level, message: String);
@@ -155,8 +158,8 @@ pub trait Handler: Send + Sync + 'static {
         body();
     }
 
-    /// Wraps a pool thread's blocking waits (the queue, socket writes). The Python handler
-    /// releases the GIL here.
+    /// Wraps a pool thread's blocking work between calls (writing a reply, waiting for a call,
+    /// reading the socket when it is the reader). The Python handler releases the GIL here.
     fn blocking<R: Send, F: FnOnce() -> R + Send>(&self, f: F) -> R {
         f()
     }
@@ -404,7 +407,7 @@ impl Queue {
                 state.reading = true;
                 state.turns += 1;
                 drop(state);
-                let step = session.step(self, true);
+                let step = session.turn(self, true);
                 state = lock(&self.state);
                 state.reading = false;
                 match step {
@@ -457,7 +460,7 @@ impl Queue {
             }
             state.reading = true;
             drop(state);
-            let step = session.step(self, false);
+            let step = session.turn(self, false);
             state = lock(&self.state);
             state.reading = false;
             match step {
@@ -812,6 +815,20 @@ impl Session {
         self.log.log(level, message);
     }
 
+    /// [`Session::step`], and a panic in it ends the connection (the worker reconnects)
+    /// instead of the reading thread: otherwise the reader role would stay taken and nobody
+    /// would read again.
+    fn turn(&self, queue: &Queue, claim: bool) -> Step {
+        catch_unwind(AssertUnwindSafe(|| self.step(queue, claim))).unwrap_or_else(|_| {
+            self.conn.kill();
+            self.log(
+                Level::Error,
+                "the worker runtime panicked while reading; reconnecting".to_owned(),
+            );
+            Step::Ended(End::Reconnect)
+        })
+    }
+
     /// One turn at reading: acts on a stop request, closes when the connection's decisions
     /// say so, reads once (at most [`TICK`]) and acts on every whole frame. With `claim`, the
     /// first call read is returned to run on this thread; others are queued.
@@ -820,7 +837,9 @@ impl Session {
         let mut reading = lock(&self.reading);
         let reading = &mut *reading;
         let now = Instant::now();
-        if self.stop.is_requested() && reading.state.begin_stop(now) {
+        // The stop grace counts from the request, not from this turn.
+        let requested = self.stop.requested_at();
+        if requested.is_some_and(|at| reading.state.begin_stop(at.min(now))) {
             self.log(
                 Level::Info,
                 format!(
@@ -887,8 +906,27 @@ impl Session {
         queue: &Queue,
         claim: bool,
     ) -> Result<Option<Job>, String> {
-        let conn = &self.conn;
         let mut claimed = None;
+        match self.take_frames_into(reading, queue, claim, &mut claimed) {
+            Ok(()) => Ok(claimed),
+            Err(reason) => {
+                // The connection is dropped; the call taken before the bad frame is not run.
+                if let Some(job) = claimed {
+                    job.conn.release();
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    fn take_frames_into(
+        &self,
+        reading: &mut Reading,
+        queue: &Queue,
+        claim: bool,
+        claimed: &mut Option<Job>,
+    ) -> Result<(), String> {
+        let conn = &self.conn;
         while let Some(frame) = decode_frame(&mut reading.buf, self.max_frame_size)
             .map_err(|err| format!("the LB sent a bad frame ({err})"))?
         {
@@ -906,7 +944,7 @@ impl Session {
                         conn: Arc::clone(conn),
                     };
                     if claim && claimed.is_none() {
-                        claimed = Some(job);
+                        *claimed = Some(job);
                     } else {
                         queue.push(job);
                     }
@@ -949,7 +987,7 @@ impl Session {
                 }
             }
         }
-        Ok(claimed)
+        Ok(())
     }
 
     fn log_close(&self, close: Close, state: &ConnState) {
@@ -1087,8 +1125,20 @@ mod tests {
 
     /// Echoes the call body back as a REPLY; a body starting with `s` sleeps 300 ms first,
     /// `f` fails, `n` writes nothing, `b` waits (up to 5 s) until two `b` calls run at once
-    /// and fails if they never do.
+    /// and fails if they never do, `h` raises [`HOLDING`] and sleeps 300 ms.
     struct TestHandler;
+
+    /// Set by an `h` call once it runs (only one test sends them).
+    static HOLDING: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+    /// Waits (up to 5 s) until an `h` call runs.
+    fn wait_holding() {
+        let (holding, changed) = &HOLDING;
+        let (holding, timeout) = changed
+            .wait_timeout_while(lock(holding), Duration::from_secs(5), |holding| !*holding)
+            .unwrap();
+        assert!(*holding && !timeout.timed_out(), "the `h` call never ran");
+    }
 
     /// `b` calls running now (only one test sends them).
     static RENDEZVOUS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
@@ -1112,6 +1162,11 @@ mod tests {
                 Some(b's') => std::thread::sleep(Duration::from_millis(300)),
                 Some(b'f') => return Outcome::Failed("ValueError: boom".to_owned()),
                 Some(b'n') => return Outcome::NoReply,
+                Some(b'h') => {
+                    *lock(&HOLDING.0) = true;
+                    HOLDING.1.notify_all();
+                    std::thread::sleep(Duration::from_millis(300));
+                }
                 Some(b'b') if !rendezvous() => {
                     return Outcome::Failed("alone".to_owned());
                 }
@@ -1214,6 +1269,38 @@ mod tests {
         config
     }
 
+    /// A started worker connected to its fake LB, HELLO read.
+    struct Serving {
+        _lb: FakeLb,
+        conn: LbConn,
+        stop: Arc<StopSignal>,
+        done: mpsc::Receiver<()>,
+    }
+
+    fn serving(pool_size: usize) -> Serving {
+        let lb = FakeLb::new();
+        let (stop, done) = start(config(&lb, pool_size));
+        let mut conn = lb.accept();
+        assert_eq!(conn.read().unwrap().message_type(), MessageType::Hello);
+        Serving {
+            _lb: lb,
+            conn,
+            stop,
+            done,
+        }
+    }
+
+    impl Serving {
+        /// Stops the worker without confirming: it sends STOP, still closes after its short
+        /// wait for STOP_CONFIRM, and its engine returns.
+        fn stop_unconfirmed(mut self) {
+            self.stop.stop();
+            assert_eq!(self.conn.read().unwrap().message_type(), MessageType::Stop);
+            assert!(self.conn.read().is_none(), "closed without STOP_CONFIRM");
+            self.done.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+    }
+
     #[test]
     fn hello_call_ping_and_stop() {
         let lb = FakeLb::new();
@@ -1253,43 +1340,32 @@ mod tests {
     #[test]
     fn calls_read_together_run_at_once_and_pings_pass_busy_threads() {
         // Two calls in one write: the reader runs one, queues the other for the idle thread.
-        let lb = FakeLb::new();
-        let (stop, done) = start(config(&lb, 2));
-        let mut conn = lb.accept();
-        conn.read().unwrap();
+        let mut worker = serving(2);
         let mut both = encode_message(MessageType::Call, "meet", 1, b"b\x00");
         both.extend_from_slice(&encode_message(MessageType::Call, "meet", 2, b"b\x00"));
-        conn.send(&both);
+        worker.conn.send(&both);
         for _ in 0..2 {
-            let reply = conn.read().unwrap();
+            let reply = worker.conn.read().unwrap();
             assert_eq!(reply.message_type(), MessageType::Reply, "both ran at once");
         }
-        stop.stop();
-        assert_eq!(conn.read().unwrap().message_type(), MessageType::Stop);
-        assert!(conn.read().is_none());
-        done.recv_timeout(Duration::from_secs(5)).unwrap();
+        worker.stop_unconfirmed();
 
-        // The only pool thread is busy: the connection thread reads and echoes the ping.
-        let lb = FakeLb::new();
-        let (stop, done) = start(config(&lb, 1));
-        let mut conn = lb.accept();
-        conn.read().unwrap();
-        conn.send(&encode_message(MessageType::Call, "slow", 3, b"s\x00"));
+        // The only pool thread is in a handler: the connection thread reads and echoes the
+        // ping before the handler is done.
+        let mut worker = serving(1);
+        let conn = &mut worker.conn;
+        conn.send(&encode_message(MessageType::Call, "hold", 3, b"h\x00"));
+        wait_holding();
         conn.send(&heartbeat(42));
         assert_eq!(conn.read().unwrap().as_wire(), &heartbeat(42)[..]);
         assert_eq!(conn.read().unwrap().seqid(), 3);
-        stop.stop();
-        assert_eq!(conn.read().unwrap().message_type(), MessageType::Stop);
-        assert!(conn.read().is_none());
-        done.recv_timeout(Duration::from_secs(5)).unwrap();
+        worker.stop_unconfirmed();
     }
 
     #[test]
     fn failures_become_code_6_and_oneway_is_silent() {
-        let lb = FakeLb::new();
-        let (stop, done) = start(config(&lb, 1));
-        let mut conn = lb.accept();
-        conn.read().unwrap();
+        let mut worker = serving(1);
+        let conn = &mut worker.conn;
         conn.send(&encode_message(MessageType::Oneway, "notify", 1, b"f\x00"));
         conn.send(&encode_message(MessageType::Call, "fail", 2, b"f\x00"));
         conn.send(&encode_message(MessageType::Call, "none", 3, b"n\x00"));
@@ -1311,11 +1387,7 @@ mod tests {
         );
         let echo = conn.read().unwrap();
         assert_eq!((echo.message_type(), echo.seqid()), (MessageType::Reply, 5));
-        stop.stop();
-        assert_eq!(conn.read().unwrap().message_type(), MessageType::Stop);
-        // No STOP_CONFIRM: the worker still closes after its short wait.
-        assert!(conn.read().is_none());
-        done.recv_timeout(Duration::from_secs(5)).unwrap();
+        worker.stop_unconfirmed();
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! from the thread that called `run()`.
 //!
 //! The GIL: the connection thread never takes it (pings are echoed while every handler holds
-//! it). Pool threads attach once for their whole life and release the GIL while they wait for
-//! a call or write a reply. `run()` waits in short slices with the GIL released and calls
+//! it). Pool threads attach once for their whole life and release the GIL while they read the
+//! socket, wait for a call or write a reply. `run()` waits in short slices with the GIL released and calls
 //! `PyErr_CheckSignals` between slices, so Python-level signal handlers run on the main
 //! thread while the worker serves.
 

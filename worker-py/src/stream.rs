@@ -1,6 +1,6 @@
 //! The worker's socket to its LB: a unix or TCP stream dialled at the LB's `back_address`,
-//! split into a reader (the engine's connection loop), a writer (shared by the loop's pings and
-//! the pool threads' replies) and a control handle that can shut the socket down while another
+//! split into a reader (taken in turns by the pool threads and the connection thread), a writer
+//! (shared by ping echoes, STOP and replies) and a control handle that can shut the socket down while another
 //! thread is blocked on it.
 
 use std::io::{self, Read, Write};

@@ -351,6 +351,17 @@ fn worker_threads(values: &Values) -> Result<usize, ConfigError> {
     }
 }
 
+/// Parses `text` and builds a configuration from its values with `build`; returns it with the
+/// warnings collected on the way.
+fn parse_with<C>(
+    text: &str,
+    build: fn(&Values) -> Result<C, ConfigError>,
+) -> Result<(C, Vec<ConfigWarning>), ConfigError> {
+    let values = Values::parse(text)?;
+    let config = build(&values)?;
+    Ok((config, values.into_warnings()))
+}
+
 // === impl ProxyConfig ===
 
 impl ProxyConfig {
@@ -367,9 +378,7 @@ impl ProxyConfig {
     /// # Errors
     /// [`ConfigError`] naming the key.
     pub fn parse(text: &str) -> Result<(Self, Vec<ConfigWarning>), ConfigError> {
-        let values = Values::parse(text)?;
-        let config = Self::from_values(&values)?;
-        Ok((config, values.into_warnings()))
+        parse_with(text, Self::from_values)
     }
 
     /// The proxy's keys.
@@ -427,9 +436,7 @@ impl LbConfig {
     /// # Errors
     /// [`ConfigError`] naming the key.
     pub fn parse(text: &str) -> Result<(Self, Vec<ConfigWarning>), ConfigError> {
-        let values = Values::parse(text)?;
-        let config = Self::from_values(&values)?;
-        Ok((config, values.into_warnings()))
+        parse_with(text, Self::from_values)
     }
 
     /// The LB's keys.

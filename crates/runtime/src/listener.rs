@@ -34,8 +34,9 @@ pub enum BindError {
     /// The path exists and is not a socket: refuse to delete it.
     #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
-    /// Any other I/O failure.
-    #[error("cannot listen on {addr}: {source}")]
+    /// Any other I/O failure (the I/O error is the [`source`](std::error::Error::source), so
+    /// print with `{:#}` through `anyhow` to see it).
+    #[error("cannot listen on {addr}")]
     Io {
         /// The address.
         addr: String,

@@ -1,14 +1,20 @@
 //! The start of both binaries' `main`: the flags they share, parsing them with the CONTRACT's
-//! exit codes, reading the configuration, and logging set up from flags and configuration.
-//! Runs before the runtime exists; every failure is one line on stderr and an exit code.
+//! exit codes, reading the configuration, logging set up from flags and configuration, and
+//! [`serve`], which runs the service on its runtime with the shutdown token. Every failure is
+//! one line on stderr and an exit code.
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use rpc_config::{CommonConfig, ConfigError, ConfigWarning, LogFormat};
+use tokio_util::sync::CancellationToken;
 
-use crate::{LogGuard, LogOptions, exit, init_logging, normalize_args};
+use crate::{
+    LogGuard, LogOptions, build_runtime, exit, init_logging, normalize_args, shutdown_on_signals,
+};
 
 /// The flags of `rpc_proxy` and `rpc_lb` alike (CONTRACT section 5); each binary flattens it
 /// into its own `clap` parser.
@@ -94,4 +100,38 @@ pub fn start_logging(
         tracing::warn!(key = warning.key, "{}", warning.message);
     }
     Ok(guard)
+}
+
+/// Runs `body` on a runtime of `worker_threads` (see [`build_runtime`]), handing it the root
+/// shutdown token that SIGTERM and SIGINT cancel ([`shutdown_on_signals`]). `body` binds the
+/// sockets and serves until it has drained.
+///
+/// # Errors
+/// Returns exit code 1 after one line `<binary>: <error>` on stderr (and in the log) when the
+/// runtime or the signal handlers cannot be set up, or `body` fails (a socket that cannot be
+/// bound); `0` when `body` returns `Ok`.
+pub fn serve<F, Fut>(binary: &str, worker_threads: usize, body: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match build_runtime(worker_threads) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{binary}: cannot start runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let served = runtime.block_on(async move {
+        let shutdown = shutdown_on_signals().context("cannot install signal handlers")?;
+        body(shutdown).await
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("{binary}: {e:#}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
 }
