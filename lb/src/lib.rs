@@ -282,16 +282,8 @@ async fn accept_front(
     let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut warned = false;
     loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "front accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some(stream) = listener.accept_until(&stop, "front").await else {
+            return;
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             if !warned {
@@ -336,16 +328,8 @@ async fn accept_workers(
     stop: CancellationToken,
 ) {
     loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "worker accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some(stream) = listener.accept_until(&stop, "back").await else {
+            return;
         };
         let (dispatcher, settings, events) = (dispatcher.clone(), settings.clone(), events.clone());
         tracker.spawn(async move {

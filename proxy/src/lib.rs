@@ -192,18 +192,8 @@ async fn accept_loop(
 ) {
     let mut warned_full = false;
     loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok(stream) => stream,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some(stream) = listener.accept_until(shutdown, "client").await else {
+            return;
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             if !warned_full {

@@ -96,6 +96,28 @@ impl Listener {
         }
     }
 
+    /// The next connection, or `None` once `stop` is cancelled. A failed accept (EMFILE and
+    /// friends) is logged and retried after 50 ms instead of spinning; `side` names the
+    /// listener in that log line.
+    pub async fn accept_until(
+        &self,
+        stop: &tokio_util::sync::CancellationToken,
+        side: &'static str,
+    ) -> Option<Stream> {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                accepted = self.accept() => match accepted {
+                    Ok(stream) => return Some(stream),
+                    Err(e) => {
+                        tracing::warn!(error = %e, side, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+
     /// The bound address, for logs.
     pub fn describe(&self) -> String {
         match self {
@@ -152,6 +174,18 @@ pub async fn connect(address: &Address) -> std::io::Result<Stream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accept_until_returns_connections_then_none_once_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let address = Address::Unix(dir.path().join("a.sock"));
+        let listener = Listener::bind(&address, 0o660).await.unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _client = connect(&address).await.unwrap();
+        assert!(listener.accept_until(&stop, "test").await.is_some());
+        stop.cancel();
+        assert!(listener.accept_until(&stop, "test").await.is_none());
+    }
 
     #[tokio::test]
     async fn unix_socket_mode_stale_file_and_cleanup() {
