@@ -22,29 +22,32 @@ pub type ServiceCalls = rpc_admin::ServiceCalls<Outcome>;
 /// One call being timed, from the front to its answer.
 pub type Meter = rpc_admin::CallGuard<Outcome>;
 
-/// How a call through the LB ended: the `outcome` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The worker replied (declared exceptions included).
-    Ok,
-    /// The worker answered with a `TApplicationException` (an undeclared exception).
-    Exception,
-    /// No worker connected.
-    NoWorker,
-    /// Every worker busy and the queue full.
-    QueueFull,
-    /// The LB was stopping.
-    Stopping,
-    /// Waited in the queue past the request timeout.
-    QueueTimeout,
-    /// The worker did not answer within the request timeout.
-    Timeout,
-    /// The worker's connection broke with the call on it.
-    WorkerLost,
-    /// Not a usable call.
-    Protocol,
-    /// The proxy connection went away first, or the call was dropped.
-    Cancelled,
+rpc_admin::outcomes! {
+    /// How a call through the LB ended: the `outcome` label.
+    pub enum Outcome {
+        /// The worker replied (declared exceptions included).
+        Ok => "ok",
+        /// The worker answered with a `TApplicationException` (an undeclared exception).
+        Exception => "exception",
+        /// No worker connected.
+        NoWorker => "no_worker",
+        /// Every worker busy and the queue full.
+        QueueFull => "queue_full",
+        /// The LB was stopping.
+        Stopping => "stopping",
+        /// Waited in the queue past the request timeout.
+        QueueTimeout => "queue_timeout",
+        /// The worker did not answer within the request timeout.
+        Timeout => "timeout",
+        /// The worker's connection broke with the call on it.
+        WorkerLost => "worker_lost",
+        /// Not a usable call.
+        Protocol => "protocol",
+        /// The proxy connection went away first, or the call was dropped.
+        Cancelled => "cancelled",
+    }
+    ok = Ok;
+    dropped = Cancelled;
 }
 
 impl From<Reject> for Outcome {
@@ -54,45 +57,6 @@ impl From<Reject> for Outcome {
             Reject::QueueFull => Outcome::QueueFull,
             Reject::Stopping => Outcome::Stopping,
         }
-    }
-}
-
-impl rpc_admin::Outcome for Outcome {
-    const ALL: &'static [Self] = &[
-        Outcome::Ok,
-        Outcome::Exception,
-        Outcome::NoWorker,
-        Outcome::QueueFull,
-        Outcome::Stopping,
-        Outcome::QueueTimeout,
-        Outcome::Timeout,
-        Outcome::WorkerLost,
-        Outcome::Protocol,
-        Outcome::Cancelled,
-    ];
-    const DROPPED: Self = Outcome::Cancelled;
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Exception => "exception",
-            Outcome::NoWorker => "no_worker",
-            Outcome::QueueFull => "queue_full",
-            Outcome::Stopping => "stopping",
-            Outcome::QueueTimeout => "queue_timeout",
-            Outcome::Timeout => "timeout",
-            Outcome::WorkerLost => "worker_lost",
-            Outcome::Protocol => "protocol",
-            Outcome::Cancelled => "cancelled",
-        }
-    }
-
-    fn is_error(self) -> bool {
-        self != Outcome::Ok
     }
 }
 

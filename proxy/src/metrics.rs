@@ -28,35 +28,38 @@ pub type ServiceCalls = rpc_admin::ServiceCalls<Outcome>;
 /// One call being timed.
 pub type CallGuard = rpc_admin::CallGuard<Outcome>;
 
-/// How a call through the proxy ended: the `outcome` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A reply (declared exceptions included: they are normal replies).
-    Ok,
-    /// The endpoint answered with a `TApplicationException` (e.g. an undeclared exception).
-    Exception,
-    /// The service is not in ZooKeeper.
-    UnknownService,
-    /// The service has no endpoint that can take the call.
-    NoEndpoint,
-    /// No reply within `request_timeout_ms`.
-    Timeout,
-    /// The upstream connection broke with the call on it.
-    ConnectionLost,
-    /// The endpoint went silent past the heartbeat timeout.
-    HeartbeatTimeout,
-    /// The reply did not match the call.
-    BadReply,
-    /// No connection could be made.
-    ConnectFailed,
-    /// Still open when the drain grace ran out.
-    Stopping,
-    /// A limit of the proxy was hit.
-    Overloaded,
-    /// Not a usable call (bad header, no `service:` prefix, not a call type).
-    Protocol,
-    /// The client went away before its reply.
-    Cancelled,
+rpc_admin::outcomes! {
+    /// How a call through the proxy ended: the `outcome` label.
+    pub enum Outcome {
+        /// A reply (declared exceptions included: they are normal replies).
+        Ok => "ok",
+        /// The endpoint answered with a `TApplicationException` (e.g. an undeclared exception).
+        Exception => "exception",
+        /// The service is not in ZooKeeper.
+        UnknownService => "unknown_service",
+        /// The service has no endpoint that can take the call.
+        NoEndpoint => "no_endpoint",
+        /// No reply within `request_timeout_ms`.
+        Timeout => "timeout",
+        /// The upstream connection broke with the call on it.
+        ConnectionLost => "connection_lost",
+        /// The endpoint went silent past the heartbeat timeout.
+        HeartbeatTimeout => "heartbeat_timeout",
+        /// The reply did not match the call.
+        BadReply => "bad_reply",
+        /// No connection could be made.
+        ConnectFailed => "connect_failed",
+        /// Still open when the drain grace ran out.
+        Stopping => "stopping",
+        /// A limit of the proxy was hit.
+        Overloaded => "overloaded",
+        /// Not a usable call (bad header, no `service:` prefix, not a call type).
+        Protocol => "protocol",
+        /// The client went away before its reply.
+        Cancelled => "cancelled",
+    }
+    ok = Ok;
+    dropped = Cancelled;
 }
 
 impl Outcome {
@@ -76,51 +79,6 @@ impl Outcome {
                 UpstreamFailure::Stopping => Outcome::Stopping,
             },
         }
-    }
-}
-
-impl rpc_admin::Outcome for Outcome {
-    const ALL: &'static [Self] = &[
-        Outcome::Ok,
-        Outcome::Exception,
-        Outcome::UnknownService,
-        Outcome::NoEndpoint,
-        Outcome::Timeout,
-        Outcome::ConnectionLost,
-        Outcome::HeartbeatTimeout,
-        Outcome::BadReply,
-        Outcome::ConnectFailed,
-        Outcome::Stopping,
-        Outcome::Overloaded,
-        Outcome::Protocol,
-        Outcome::Cancelled,
-    ];
-    const DROPPED: Self = Outcome::Cancelled;
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Exception => "exception",
-            Outcome::UnknownService => "unknown_service",
-            Outcome::NoEndpoint => "no_endpoint",
-            Outcome::Timeout => "timeout",
-            Outcome::ConnectionLost => "connection_lost",
-            Outcome::HeartbeatTimeout => "heartbeat_timeout",
-            Outcome::BadReply => "bad_reply",
-            Outcome::ConnectFailed => "connect_failed",
-            Outcome::Stopping => "stopping",
-            Outcome::Overloaded => "overloaded",
-            Outcome::Protocol => "protocol",
-            Outcome::Cancelled => "cancelled",
-        }
-    }
-
-    fn is_error(self) -> bool {
-        self != Outcome::Ok
     }
 }
 

@@ -156,6 +156,63 @@ pub trait Outcome: Copy + Send + Sync + 'static {
     fn is_error(self) -> bool;
 }
 
+/// Declares a call-outcome enum and its [`Outcome`] impl from one list of
+/// `Variant => "label"` (in `ALL` order, each with its doc): `ok` names the one outcome that
+/// is no error, `dropped` the [`Outcome::DROPPED`] one.
+///
+/// ```
+/// rpc_admin::outcomes! {
+///     /// How a call ended.
+///     pub enum Done {
+///         /// Answered.
+///         Ok => "ok",
+///         /// The caller left.
+///         Cancelled => "cancelled",
+///     }
+///     ok = Ok;
+///     dropped = Cancelled;
+/// }
+/// use rpc_admin::Outcome;
+/// assert_eq!(Done::Cancelled.label(), "cancelled");
+/// assert!(!Done::Ok.is_error());
+/// ```
+#[macro_export]
+macro_rules! outcomes {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $label:literal, )+
+        }
+        ok = $ok:ident;
+        dropped = $dropped:ident;
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $crate::Outcome for $name {
+            const ALL: &'static [Self] = &[$($name::$variant,)+];
+            const DROPPED: Self = $name::$dropped;
+
+            fn index(self) -> usize {
+                self as usize
+            }
+
+            fn label(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+
+            fn is_error(self) -> bool {
+                self != $name::$ok
+            }
+        }
+    };
+}
+
 /// Calls and errors of one service since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
