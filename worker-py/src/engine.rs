@@ -404,27 +404,20 @@ impl Queue {
                 return Some(job);
             }
             if let (false, Some(session)) = (state.reading, state.session.clone()) {
-                state.reading = true;
                 state.turns += 1;
-                drop(state);
-                let step = session.turn(self, true);
-                state = lock(&self.state);
-                state.reading = false;
-                match step {
-                    // Still this thread's turn: read again (the loop holds the lock, so
-                    // nobody else saw the role free).
-                    Step::Idle => {}
-                    Step::Claimed(job) => {
-                        state.busy += 1;
-                        let hand_over = state.sleeping > 0;
-                        drop(state);
-                        if hand_over {
-                            self.ready.notify_one();
-                        }
-                        return Some(job);
+                let claimed;
+                (state, claimed) = self.read_turn(state, &session, true);
+                if let Some(job) = claimed {
+                    state.busy += 1;
+                    let hand_over = state.sleeping > 0;
+                    drop(state);
+                    if hand_over {
+                        self.ready.notify_one();
                     }
-                    Step::Ended(end) => self.end_session(&mut state, end),
+                    return Some(job);
                 }
+                // Still this thread's turn (unless the session ended): the loop holds the
+                // lock, so nobody else saw the role free.
                 continue;
             }
             state.sleeping += 1;
@@ -458,27 +451,35 @@ impl Queue {
                     .0;
                 continue;
             }
-            state.reading = true;
-            drop(state);
-            let step = session.turn(self, false);
-            state = lock(&self.state);
-            state.reading = false;
-            match step {
-                Step::Ended(end) => {
-                    state.session = None;
-                    return end;
-                }
-                Step::Idle => {}
-                // Not asked for (the connection thread never runs handlers); queued anyway.
-                Step::Claimed(job) => {
-                    drop(state);
-                    self.push(job);
-                    state = lock(&self.state);
-                }
-            }
+            // The connection thread never claims a call: it cannot run handlers.
+            (state, _) = self.read_turn(state, session, false);
             seen_turns = state.turns;
             if state.sleeping > 0 {
                 self.ready.notify_one();
+            }
+        }
+    }
+
+    /// Takes the reader role for one [`Session::turn`] (without the lock held while it reads);
+    /// records the end of the session if the turn saw it. Returns the lock again and the call
+    /// claimed, if `claim` and one was read.
+    fn read_turn<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, QueueState>,
+        session: &Session,
+        claim: bool,
+    ) -> (MutexGuard<'a, QueueState>, Option<Job>) {
+        state.reading = true;
+        drop(state);
+        let step = session.turn(self, claim);
+        let mut state = lock(&self.state);
+        state.reading = false;
+        match step {
+            Step::Idle => (state, None),
+            Step::Claimed(job) => (state, Some(job)),
+            Step::Ended(end) => {
+                self.end_session(&mut state, end);
+                (state, None)
             }
         }
     }
