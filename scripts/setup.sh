@@ -50,4 +50,9 @@ if ! "$PY" -c 'import thrift, kazoo, pytest, pytest_timeout, thriftpy2' >/dev/nu
     echo "setup: pip install thrift kazoo thriftpy2 pytest pytest-timeout ruff"
     "$PY" -m pip install -q --disable-pip-version-check thrift kazoo thriftpy2 pytest pytest-timeout ruff
 fi
+# mypy, for its stubtest: scripts/test.sh checks the rpc_thrift `.pyi` against the built module.
+if ! "$PY" -c 'import mypy.stubtest' >/dev/null 2>&1; then
+    echo "setup: pip install mypy"
+    "$PY" -m pip install -q --disable-pip-version-check mypy
+fi
 echo "setup: ok (thrift $(thrift --version | awk '{print $3}'), zookeeper $(dpkg-query -W -f='${Version}' zookeeper 2>/dev/null || echo '?'))"

@@ -24,6 +24,8 @@ cargo test --workspace
 
 echo "== rpc_thrift (pip install ./worker-py)"
 python3 -m pip install -q --disable-pip-version-check ./worker-py
+echo "== stubtest (rpc_thrift._worker against its .pyi)"
+python3 -m mypy.stubtest rpc_thrift._worker
 (cd worker-py && python3 -m pytest -q tests)
 
 export RPC_PROXY_BIN="$PWD/target/debug/rpc_proxy" RPC_LB_BIN="$PWD/target/debug/rpc_lb"
