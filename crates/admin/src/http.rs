@@ -7,6 +7,12 @@
 //! `Content-Length` body up to [`MAX_BODY`] bytes, which is read and ignored (no route takes
 //! a body). A chunked body gets 501, a bad head 400, a long head 431, a long body 413, a
 //! client too slow to send its request 408.
+//!
+//! Requests that may change state (`POST`; anything but `GET` and `HEAD`) get 403 when a
+//! browser may have sent them for a web page (CONTRACT section 9): with an `Origin` header,
+//! or with a `Host` header that is not the address the client reached (`localhost`,
+//! `127.0.0.1` and `[::1]` also taken on a loopback address). Without `Host` (HTTP/1.0
+//! tools) they are served: no browser omits it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -42,6 +48,10 @@ pub struct Request {
     pub path: String,
     /// The query after `?`, or empty.
     pub query: String,
+    /// The `Host` header, if sent.
+    pub host: Option<String>,
+    /// The `Origin` header, if sent (browsers send it with every `POST`).
+    pub origin: Option<String>,
 }
 
 impl Request {
@@ -57,6 +67,8 @@ impl Request {
             method: method.to_owned(),
             path: path.to_owned(),
             query: query.to_owned(),
+            host: None,
+            origin: None,
         }
     }
 }
@@ -139,6 +151,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         202 => "Accepted",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -195,6 +208,7 @@ fn parse_head(head: &[u8]) -> Result<(Request, usize), Refusal> {
         return Err(refuse(505, "only HTTP/1.0 and HTTP/1.1 are served"));
     }
     let mut body_len = 0usize;
+    let mut request = Request::new(method, target);
     for line in lines.filter(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
             return Err(refuse(400, "bad header line"));
@@ -206,12 +220,19 @@ fn parse_head(head: &[u8]) -> Result<(Request, usize), Refusal> {
                 .map_err(|_| refuse(400, "bad Content-Length"))?;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(refuse(501, "Transfer-Encoding is not supported"));
+        } else if name.eq_ignore_ascii_case("host") {
+            if request.host.is_some() {
+                return Err(refuse(400, "more than one Host header"));
+            }
+            request.host = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("origin") {
+            request.origin = Some(value.to_owned());
         }
     }
     if body_len > MAX_BODY {
         return Err(refuse(413, "request body too large"));
     }
-    Ok((Request::new(method, target), body_len))
+    Ok((request, body_len))
 }
 
 /// Where the head ends: the index just past its blank line.
@@ -255,8 +276,83 @@ async fn read_request<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Req
     Ok(Some(request))
 }
 
-/// Reads one request, answers it, and closes.
-async fn serve_connection<S>(mut stream: S, routes: &Routes)
+/// Refuses a request that may change state (any method but `GET` and `HEAD`) when a browser
+/// may have sent it for a web page: it carries an `Origin` header (browsers send one with
+/// every `POST` a page makes), or its `Host` header does not name `local`, the address
+/// the client reached (a DNS-rebinding page sends its own host name). See [`host_is_local`]
+/// for the names taken. A request without `Host` is served: browsers always send one, while
+/// HTTP/1.0 tools and `nc` may not.
+fn refuse_cross_site(request: &Request, local: SocketAddr) -> Option<Refusal> {
+    if matches!(request.method.as_str(), "GET" | "HEAD") {
+        return None;
+    }
+    if request.origin.is_some() {
+        return Some(refuse(
+            403,
+            "refused: a request with an Origin header (a browser's) cannot change state; use curl",
+        ));
+    }
+    match &request.host {
+        Some(host) if !host_is_local(host, local) => Some(refuse(
+            403,
+            "refused: the Host header is not the admin address this request reached",
+        )),
+        _ => None,
+    }
+}
+
+/// Whether the `Host` header value `host` names `local`: its IP address (IPv6 in brackets)
+/// and port, compared case-insensitively, the port 80 when left out. On a loopback address
+/// `localhost`, `127.0.0.1` and `[::1]` with the port are taken too. A host name other than
+/// `localhost` never is (the admin endpoint cannot tell which names resolve to it).
+fn host_is_local(host: &str, local: SocketAddr) -> bool {
+    let host = host.trim();
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, "")) => (ip, None),
+            Some((ip, port)) => match port.strip_prefix(':') {
+                Some(port) => (ip, Some(port)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        },
+    };
+    let port = match port {
+        None => 80,
+        Some(digits) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            match digits.parse::<u16>() {
+                Ok(port) => port,
+                Err(_) => return false,
+            }
+        }
+        Some(_) => return false,
+    };
+    if port != local.port() {
+        return false;
+    }
+    let local_ip = local.ip().to_canonical();
+    let loopback = local_ip.is_loopback();
+    if name.eq_ignore_ascii_case("localhost") {
+        return loopback;
+    }
+    let bracketed = host.starts_with('[');
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_ipv6() != bracketed => false,
+        Ok(ip) => {
+            ip.to_canonical() == local_ip
+                || (loopback
+                    && (ip == std::net::Ipv4Addr::LOCALHOST || ip == std::net::Ipv6Addr::LOCALHOST))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Reads one request, answers it, and closes. `local` is the address the client reached.
+async fn serve_connection<S>(mut stream: S, local: SocketAddr, routes: &Routes)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -270,9 +366,12 @@ where
             Ok(Ok(None)) => return,
             Ok(Ok(Some(request))) => {
                 let head_only = request.method == "HEAD";
-                let response = tokio::time::timeout(HANDLER_TIMEOUT, routes.dispatch(&request))
-                    .await
-                    .unwrap_or_else(|_| Response::text(503, "handler timed out"));
+                let response = match refuse_cross_site(&request, local) {
+                    Some(refusal) => refusal.response(),
+                    None => tokio::time::timeout(HANDLER_TIMEOUT, routes.dispatch(&request))
+                        .await
+                        .unwrap_or_else(|_| Response::text(503, "handler timed out")),
+                };
                 tracing::debug!(
                     method = request.method,
                     path = request.path,
@@ -353,11 +452,12 @@ pub async fn serve(listener: AdminListener, routes: Arc<Routes>, shutdown: Cance
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             continue;
         };
+        let local = stream.local_addr().unwrap_or(listener.address);
         let (routes, shutdown) = (routes.clone(), shutdown.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = serve_connection(stream, &routes) => {}
+                _ = serve_connection(stream, local, &routes) => {}
             }
             drop(permit);
         });
@@ -375,11 +475,20 @@ mod tests {
             .post("/drain", |_| Response::text(200, "draining"))
     }
 
-    /// Sends `raw` as the client, returns everything the server wrote.
+    /// The address the test client reached.
+    const LOCAL: &str = "127.0.0.1:9901";
+
+    /// Sends `raw` as the client to [`LOCAL`], returns everything the server wrote.
     async fn exchange(raw: &[u8]) -> String {
+        exchange_at(LOCAL, raw).await
+    }
+
+    /// Sends `raw` as the client to `local`, returns everything the server wrote.
+    async fn exchange_at(local: &str, raw: &[u8]) -> String {
         let (mut client, server) = duplex(64 * 1024);
         let routes = routes();
-        let serving = tokio::spawn(async move { serve_connection(server, &routes).await });
+        let local = local.parse().unwrap();
+        let serving = tokio::spawn(async move { serve_connection(server, local, &routes).await });
         client.write_all(raw).await.unwrap();
         // EOF after the request, as a client that sent everything it had.
         client.shutdown().await.unwrap();
@@ -461,6 +570,90 @@ mod tests {
         }
     }
 
+    /// A `POST` as `curl` sends it to [`LOCAL`], with more header lines.
+    fn post(extra: &str) -> Vec<u8> {
+        format!("POST /drain HTTP/1.1\r\n{extra}Content-Length: 0\r\n\r\n").into_bytes()
+    }
+
+    #[tokio::test]
+    async fn post_with_an_origin_header_is_refused() {
+        for origin in ["http://evil.example", "http://127.0.0.1:9901", "null"] {
+            let out = exchange(&post(&format!("Host: {LOCAL}\r\nOrigin: {origin}\r\n"))).await;
+            assert_eq!(status_of(&out), 403, "Origin: {origin} -> {out}");
+            assert!(out.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{out}");
+        }
+    }
+
+    #[tokio::test]
+    async fn post_with_another_host_is_refused() {
+        for host in [
+            "evil.example:9901",
+            "evil.example",
+            "127.0.0.1:9902",
+            "127.0.0.1",
+            "127.0.0.2:9901",
+            "localhost",
+            "127.0.0.1:9901.evil.example",
+            "",
+        ] {
+            let out = exchange(&post(&format!("Host: {host}\r\n"))).await;
+            assert_eq!(status_of(&out), 403, "Host: {host} -> {out}");
+        }
+        // Not bound to loopback: only the address itself.
+        for host in [
+            "localhost:9901",
+            "127.0.0.1:9901",
+            "[::1]:9901",
+            "myhost:9901",
+        ] {
+            let out = exchange_at("10.1.2.3:9901", &post(&format!("Host: {host}\r\n"))).await;
+            assert_eq!(status_of(&out), 403, "Host: {host} -> {out}");
+        }
+        let out = exchange(&post(&format!("Host: {LOCAL}\r\nHost: {LOCAL}\r\n"))).await;
+        assert_eq!(status_of(&out), 400, "{out}");
+    }
+
+    #[tokio::test]
+    async fn post_with_the_bound_address_as_host_is_served() {
+        for host in [
+            LOCAL,
+            "localhost:9901",
+            "LocalHost:9901",
+            "[::1]:9901",
+            "127.0.0.1:9901 ",
+        ] {
+            let out = exchange(&post(&format!("Host: {host}\r\n"))).await;
+            assert_eq!(status_of(&out), 200, "Host: {host} -> {out}");
+        }
+        for (local, host) in [
+            ("10.1.2.3:9901", "10.1.2.3:9901"),
+            ("[2001:db8::1]:80", "[2001:db8::1]"),
+            ("[2001:db8::1]:9901", "[2001:DB8::1]:9901"),
+            ("[::1]:9901", "localhost:9901"),
+            ("127.0.0.1:80", "127.0.0.1"),
+        ] {
+            let out = exchange_at(local, &post(&format!("Host: {host}\r\n"))).await;
+            assert_eq!(status_of(&out), 200, "{local}, Host: {host} -> {out}");
+        }
+        // No Host at all (HTTP/1.0 tools, `nc`): no browser sends that.
+        assert_eq!(status_of(&exchange(&post("")).await), 200);
+        assert_eq!(
+            status_of(&exchange(b"POST /drain HTTP/1.0\r\n\r\n").await),
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn get_is_served_whatever_its_origin_and_host() {
+        let out = exchange(
+            b"GET /healthz HTTP/1.1\r\nHost: evil.example\r\nOrigin: http://evil.example\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status_of(&out), 200, "{out}");
+        let out = exchange(b"HEAD /healthz HTTP/1.1\r\nOrigin: null\r\n\r\n").await;
+        assert_eq!(status_of(&out), 200, "{out}");
+    }
+
     #[tokio::test]
     async fn oversized_head_is_431() {
         let mut raw = b"GET /healthz HTTP/1.1\r\nX-Big: ".to_vec();
@@ -478,7 +671,8 @@ mod tests {
     async fn silent_client_gets_408() {
         let (mut client, server) = duplex(1024);
         let routes = routes();
-        let serving = tokio::spawn(async move { serve_connection(server, &routes).await });
+        let local = LOCAL.parse().unwrap();
+        let serving = tokio::spawn(async move { serve_connection(server, local, &routes).await });
         client
             .write_all(b"GET /healthz HTTP/1.1\r\n")
             .await
@@ -518,6 +712,45 @@ mod tests {
             .await
             .expect("serve returns at once on cancel")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn serve_checks_post_host_against_the_address_reached() {
+        let listener = AdminListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr();
+        let stop = CancellationToken::new();
+        let _server = tokio::spawn(serve(listener, Arc::new(routes()), stop.clone()));
+        let send = |raw: String| async move {
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            stream.write_all(raw.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            stream.read_to_string(&mut out).await.unwrap();
+            status_of(&out)
+        };
+        let port = address.port();
+        assert_eq!(
+            send(String::from_utf8(post(&format!("Host: {address}\r\n"))).unwrap()).await,
+            200
+        );
+        assert_eq!(
+            send(String::from_utf8(post(&format!("Host: localhost:{port}\r\n"))).unwrap()).await,
+            200
+        );
+        assert_eq!(
+            send(String::from_utf8(post(&format!("Host: evil.example:{port}\r\n"))).unwrap()).await,
+            403
+        );
+        assert_eq!(
+            send(
+                String::from_utf8(post(&format!(
+                    "Host: {address}\r\nOrigin: http://{address}\r\n"
+                )))
+                .unwrap()
+            )
+            .await,
+            403
+        );
+        stop.cancel();
     }
 
     #[tokio::test]

@@ -9,7 +9,8 @@
 //! - [`routes`]: [`Routes`], the `(method, path) -> handler` table, with 404 and 405.
 //! - [`metrics`]: a registry with the `process_*` metrics, text rendering for
 //!   `promtool check metrics`, and [`CallMetrics`]: calls by service, method and outcome
-//!   plus a duration histogram, with the label handles cached and the label sets bounded.
+//!   plus a duration histogram, with the label handles cached and the label sets bounded
+//!   (a method is labelled once the backend answered it, so clients cannot pick labels).
 //!
 //! # Shutdown
 //! [`serve`] returns as soon as its token is cancelled, abandoning requests in progress:

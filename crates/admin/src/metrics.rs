@@ -3,12 +3,13 @@
 //! OpenMetrics), and [`CallMetrics`], the per-call counters and histograms.
 //!
 //! # Cost on the call path
-//! The counters of a `(service, method)` pair are made once, on first sight, and found again
-//! in a small open-addressing table behind the service's [`ServiceCalls`] (which the caller
+//! The counters of a `(service, method)` pair are made once, on its first answered call (see
+//! below), and found again in a small open-addressing table behind the service's [`ServiceCalls`] (which the caller
 //! keeps with its own per-service state): a lookup hashes the method name and reads a slot,
 //! with no lock, no allocation and no reference counting. A call then costs two
 //! `Instant::now()` and four relaxed atomic adds on its own method's counters (started, one
-//! outcome, one duration bucket, the duration sum). The Prometheus families are built from
+//! outcome, one duration bucket, the duration sum); a call of a method without a label yet
+//! also copies its name. The Prometheus families are built from
 //! these atomics only when scraped, with series only for outcomes that happened.
 //!
 //! # Bounded labels
@@ -16,6 +17,15 @@
 //! own label value; later ones are counted under [`OTHER`]. Callers count calls for services
 //! they do not know under one service of their choice (the binaries use `unknown`), never
 //! under a name a client made up.
+//!
+//! Method names come from clients too, so a method gets its own label only once the backend
+//! answered a call of it ([`Outcome::is_answer`]: a reply, declared exceptions included).
+//! Until then its calls count under [`OTHER`]: a client sending hundreds of made-up names
+//! (which only ever fail) cannot fill the table and push the real methods into [`OTHER`].
+//! A call is counted where it started, so in-flight counts add up: under [`OTHER`] when its
+//! method had no label yet; the one answered call that gives its method a label moves there
+//! (started and finished both), as does any answered call of a method labelled meanwhile.
+//! The binaries' placeholder [`UNKNOWN`] is labelled from its first call.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -35,8 +45,13 @@ use crate::http::Response;
 pub const MAX_SERVICES: usize = 1024;
 /// Methods per service with a label value of their own; later ones count under [`OTHER`].
 pub const MAX_METHODS: usize = 256;
-/// The label value of the services and methods past the bounds.
+/// The label value of the services and methods past the bounds, and of methods no call of
+/// which was answered yet.
 pub const OTHER: &str = "other";
+/// The method label value the binaries count calls under when they have no method name to
+/// give (a frame that names none, a service that is not known): a placeholder of theirs, not
+/// a name from a client, so it is its own series from the first call, answered or not.
+pub const UNKNOWN: &str = "unknown";
 
 /// Upper bounds (seconds) of the request duration histograms: 0.5 ms to 30 s.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -154,11 +169,16 @@ pub trait Outcome: Copy + Send + Sync + 'static {
     fn label(self) -> &'static str;
     /// Whether it counts as an error in status lines.
     fn is_error(self) -> bool;
+    /// Whether the backend answered the call (a reply; declared exceptions are replies):
+    /// this proves the method name real, so it may get its own label (see the module doc).
+    /// A `TApplicationException` is no proof: a backend answers made-up names with one.
+    fn is_answer(self) -> bool;
 }
 
 /// Declares a call-outcome enum and its [`Outcome`] impl from one list of
 /// `Variant => "label"` (in `ALL` order, each with its doc): `ok` names the one outcome that
-/// is no error, `dropped` the [`Outcome::DROPPED`] one.
+/// is no error and the one that is an answer of the backend ([`Outcome::is_answer`]: give it
+/// only to replies), `dropped` the [`Outcome::DROPPED`] one.
 ///
 /// ```
 /// rpc_admin::outcomes! {
@@ -175,6 +195,7 @@ pub trait Outcome: Copy + Send + Sync + 'static {
 /// use rpc_admin::Outcome;
 /// assert_eq!(Done::Cancelled.label(), "cancelled");
 /// assert!(!Done::Ok.is_error());
+/// assert!(Done::Ok.is_answer() && !Done::Cancelled.is_answer());
 /// ```
 #[macro_export]
 macro_rules! outcomes {
@@ -209,6 +230,10 @@ macro_rules! outcomes {
             fn is_error(self) -> bool {
                 self != $name::$ok
             }
+
+            fn is_answer(self) -> bool {
+                self == $name::$ok
+            }
         }
     };
 }
@@ -234,7 +259,8 @@ fn bucket_bounds_ns() -> &'static [u64] {
 }
 
 /// FNV-1a: a cheap hash for short method names (the table is not exposed to collisions
-/// an attacker could exploit: past [`MAX_METHODS`] names, new ones go to [`OTHER`]).
+/// an attacker could exploit: only names the backend answered enter it, at most
+/// [`MAX_METHODS`] of them).
 fn fnv1a(text: &str) -> usize {
     text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -249,7 +275,7 @@ fn fnv1a(text: &str) -> usize {
 /// `(service, method)`.
 ///
 /// Handles live as long as the process (they are leaked on purpose, at most
-/// [`MAX_SERVICES`] x [`MAX_METHODS`] of them): a handle is a plain `&'static` reference, so
+/// [`MAX_SERVICES`] x ([`MAX_METHODS`] + 1) of them): a handle is a plain `&'static` reference, so
 /// the call path does no reference counting and takes no lock.
 #[derive(Debug)]
 pub struct CallMetrics<O: Outcome> {
@@ -451,19 +477,21 @@ fn family(desc: &Desc, kind: MetricType, metrics: Vec<proto::Metric>) -> MetricF
 
 // === impl ServiceCalls ===
 
-/// The call metrics of one service: a method table filled on first sight of each method,
-/// read without a lock.
+/// The call metrics of one service: a method table filled with each method the backend
+/// answered (see the module doc), read without a lock.
 #[derive(Debug)]
 pub struct ServiceCalls<O: Outcome> {
     name: String,
     /// Open addressing over `2 * max_methods` (rounded up) slots, made on the first call;
-    /// slots are only ever filled, so a probe that meets an empty slot has missed.
+    /// slots are only ever filled, so a probe that meets an empty slot has missed. Never
+    /// holds [`OTHER`].
     table: OnceLock<Box<[OnceLock<&'static MethodCalls<O>>]>>,
-    /// Every method in order of first sight; its lock also serialises inserts.
+    /// Every series ([`OTHER`] included) in order of creation; its lock also serialises
+    /// inserts.
     methods: Mutex<Vec<&'static MethodCalls<O>>>,
-    /// `methods.len()`, readable without the lock.
+    /// Methods in `table`, at most `max_methods`; changed under the `methods` lock only.
     count: AtomicUsize,
-    /// The handles of the methods past the bound.
+    /// The handles of the methods without a label of their own.
     other: OnceLock<&'static MethodCalls<O>>,
     max_methods: usize,
 }
@@ -499,46 +527,57 @@ impl<O: Outcome> ServiceCalls<O> {
         }
     }
 
-    /// The handles of `method` (made on first sight; [`OTHER`] past the bound).
+    /// The handles `method` is counted under now: its own once labelled (for [`UNKNOWN`]:
+    /// made on first use), else [`OTHER`]'s.
     pub fn method(&self, method: &str) -> &'static MethodCalls<O> {
-        let table = self.table();
-        if let Ok(found) = Self::probe(table, method) {
-            return found;
+        match Self::probe(self.table(), method) {
+            Ok(found) => found,
+            Err(_) if method == UNKNOWN => self.label(method).unwrap_or_else(|| self.other()),
+            Err(_) => self.other(),
         }
-        if self.count.load(Ordering::Relaxed) >= self.max_methods
-            && let Some(other) = self.other.get()
-        {
+    }
+
+    /// The handles of [`OTHER`] (also those of a method of that very name: one series).
+    fn other(&self) -> &'static MethodCalls<O> {
+        if let Some(other) = self.other.get() {
             return other;
         }
         let mut methods = self.methods.lock().unwrap_or_else(|e| e.into_inner());
+        self.other.get_or_init(|| {
+            let other = MethodCalls::leak(OTHER);
+            methods.push(other);
+            other
+        })
+    }
+
+    /// Whether `method`, unlabelled now, may still get a label of its own.
+    fn may_label(&self, method: &str) -> bool {
+        method != OTHER && self.count.load(Ordering::Relaxed) < self.max_methods
+    }
+
+    /// Gives `method`, which the backend answered, its own label (made on first answer):
+    /// `None` for [`OTHER`] and past the bound.
+    fn label(&self, method: &str) -> Option<&'static MethodCalls<O>> {
+        let table = self.table();
+        if let Ok(found) = Self::probe(table, method) {
+            return Some(found);
+        }
+        if !self.may_label(method) {
+            return None;
+        }
+        let mut methods = self.methods.lock().unwrap_or_else(|e| e.into_inner());
         match Self::probe(table, method) {
-            Ok(found) => found,
-            Err(_) if methods.len() >= self.max_methods => self.other(table, &mut methods),
+            Ok(found) => Some(found),
+            Err(_) if !self.may_label(method) => None,
             Err(slot) => {
                 let calls = MethodCalls::leak(method);
                 // Inserts hold the lock, so the slot found empty is still empty.
                 let _ = slot.set(calls);
                 methods.push(calls);
-                self.count.store(methods.len(), Ordering::Relaxed);
-                calls
+                self.count.fetch_add(1, Ordering::Relaxed);
+                Some(calls)
             }
         }
-    }
-
-    /// The handles of [`OTHER`] (a method of that very name, if there is one: one series).
-    fn other(
-        &self,
-        table: &[OnceLock<&'static MethodCalls<O>>],
-        methods: &mut Vec<&'static MethodCalls<O>>,
-    ) -> &'static MethodCalls<O> {
-        self.other.get_or_init(|| match Self::probe(table, OTHER) {
-            Ok(named_other) => named_other,
-            Err(_) => {
-                let other = MethodCalls::leak(OTHER);
-                methods.push(other);
-                other
-            }
-        })
     }
 
     fn methods(&self) -> Vec<&'static MethodCalls<O>> {
@@ -549,22 +588,36 @@ impl<O: Outcome> ServiceCalls<O> {
     }
 
     /// Starts timing a call of `method` now; it counts as in flight until finished.
-    pub fn start(&self, method: &str) -> CallGuard<O> {
+    pub fn start(&'static self, method: &str) -> CallGuard<O> {
         self.start_at(method, Instant::now())
     }
 
-    /// Starts timing a call of `method` that arrived at `started`.
-    pub fn start_at(&self, method: &str, started: Instant) -> CallGuard<O> {
-        let calls = self.method(method);
+    /// Starts timing a call of `method` that arrived at `started`. Under [`OTHER`] while
+    /// `method` has no label; an answer gives it one (see the module doc). Only such calls
+    /// allocate (a copy of the name).
+    pub fn start_at(&'static self, method: &str, started: Instant) -> CallGuard<O> {
+        let (calls, unlabelled) = match Self::probe(self.table(), method) {
+            Ok(found) => (found, None),
+            Err(_) if method == UNKNOWN => (self.method(method), None),
+            Err(_) => (
+                self.other(),
+                self.may_label(method).then(|| Unlabelled {
+                    service: self,
+                    method: method.into(),
+                }),
+            ),
+        };
         calls.started.fetch_add(1, Ordering::Relaxed);
         CallGuard {
             calls: Some(calls),
+            unlabelled,
             started,
         }
     }
 
     /// Counts a call of `method` that ended at once with `outcome` (no duration: it never
-    /// got going, e.g. a protocol error).
+    /// got going, e.g. a protocol error). It never reached a backend, so it gives `method`
+    /// no label.
     pub fn record(&self, method: &str, outcome: O) {
         let calls = self.method(method);
         calls.started.fetch_add(1, Ordering::Relaxed);
@@ -680,8 +733,18 @@ impl<O: Outcome> MethodCalls<O> {
 /// unfinished records [`Outcome::DROPPED`].
 #[derive(Debug)]
 pub struct CallGuard<O: Outcome> {
+    /// Where the call was counted as started.
     calls: Option<&'static MethodCalls<O>>,
+    /// Set when it started under [`OTHER`] for a method that may still get a label.
+    unlabelled: Option<Unlabelled<O>>,
     started: Instant,
+}
+
+/// A call's method that had no label when the call started.
+#[derive(Debug)]
+struct Unlabelled<O: Outcome> {
+    service: &'static ServiceCalls<O>,
+    method: Box<str>,
 }
 
 impl<O: Outcome> CallGuard<O> {
@@ -689,6 +752,7 @@ impl<O: Outcome> CallGuard<O> {
     pub fn detached() -> Self {
         CallGuard {
             calls: None,
+            unlabelled: None,
             started: Instant::now(),
         }
     }
@@ -698,8 +762,30 @@ impl<O: Outcome> CallGuard<O> {
         self.started
     }
 
-    /// Records how the call ended.
+    /// Records how the call ended. An answer ([`Outcome::is_answer`]) gives its method its
+    /// own label if it had none, and the call moves there.
     pub fn finish(mut self, outcome: O) {
+        let Some(mut calls) = self.calls.take() else {
+            return;
+        };
+        if let Some(unlabelled) = self.unlabelled.take()
+            && outcome.is_answer()
+            && let Some(labelled) = unlabelled.service.label(&unlabelled.method)
+        {
+            // Started under the label before unstarted under `other`: a scrape in between
+            // may count the call in flight twice, never a finish without its start.
+            labelled.started.fetch_add(1, Ordering::Relaxed);
+            calls.started.fetch_sub(1, Ordering::Relaxed);
+            calls = labelled;
+        }
+        calls.finish(outcome, self.started);
+    }
+
+    /// Records how the call ended without taking `outcome` as an answer of the backend,
+    /// whatever it is: for a ONEWAY call, done once written, which no backend answers. Its
+    /// method gets no label from it.
+    pub fn finish_unanswered(mut self, outcome: O) {
+        self.unlabelled = None;
         if let Some(calls) = self.calls.take() {
             calls.finish(outcome, self.started);
         }
@@ -741,6 +827,9 @@ mod tests {
         fn is_error(self) -> bool {
             self != Test::Ok
         }
+        fn is_answer(self) -> bool {
+            self == Test::Ok
+        }
     }
 
     fn text(registry: &Registry) -> String {
@@ -757,8 +846,10 @@ mod tests {
         assert_eq!(echo.inflight(), 1);
         guard.finish(Test::Ok);
         echo.start("echo").finish(Test::Failed);
+        // Never answered: no label of its own.
         drop(echo.start("add"));
         echo.record("add", Test::Failed);
+        assert_eq!(echo.method("add").method(), OTHER);
         assert_eq!(echo.inflight(), 0);
         assert_eq!(
             echo.totals(),
@@ -773,11 +864,11 @@ mod tests {
             "# TYPE t_requests_total counter",
             r#"t_requests_total{method="echo",outcome="ok",service="echo"} 1"#,
             r#"t_requests_total{method="echo",outcome="failed",service="echo"} 1"#,
-            r#"t_requests_total{method="add",outcome="cancelled",service="echo"} 1"#,
-            r#"t_requests_total{method="add",outcome="failed",service="echo"} 1"#,
+            r#"t_requests_total{method="other",outcome="cancelled",service="echo"} 1"#,
+            r#"t_requests_total{method="other",outcome="failed",service="echo"} 1"#,
             "# TYPE t_request_duration_seconds histogram",
             r#"t_request_duration_seconds_count{method="echo",service="echo"} 2"#,
-            r#"t_request_duration_seconds_count{method="add",service="echo"} 1"#,
+            r#"t_request_duration_seconds_count{method="other",service="echo"} 1"#,
             r#"t_request_duration_seconds_bucket{method="echo",service="echo",le="+Inf"} 2"#,
             r#"t_inflight_requests{service="echo"} 0"#,
         ] {
@@ -813,8 +904,113 @@ mod tests {
         );
         let out = text(&registry);
         assert!(out.contains(r#"t_requests_total{method="other",outcome="ok",service="a"} 7"#));
-        assert!(out.contains(r#"t_requests_total{method="other",outcome="ok",service="b"} 4"#));
+        assert!(out.contains(r#"t_requests_total{method="other",outcome="ok",service="b"} 3"#));
         assert!(!out.contains("m3"), "{out}");
+    }
+
+    /// A client sends calls of 300 made-up methods first (each only ever fails), then calls
+    /// of a real one that the backend answers: the real one still gets its own label, the
+    /// made-up ones never do.
+    #[test]
+    fn made_up_method_names_never_push_real_ones_out() {
+        let registry = Registry::new();
+        let metrics = CallMetrics::<Test>::register(&registry, "t");
+        let echo = metrics.service("echo");
+        for n in 0..300 {
+            let junk = format!("junk{n}");
+            echo.start(&junk).finish(Test::Failed);
+            drop(echo.start(&junk));
+            echo.record(&junk, Test::Failed);
+        }
+        for _ in 0..3 {
+            echo.start("echo").finish(Test::Ok);
+        }
+        assert_eq!(echo.method("echo").method(), "echo");
+        assert_eq!(echo.method("junk7").method(), OTHER);
+        let out = text(&registry);
+        for line in [
+            r#"t_requests_total{method="echo",outcome="ok",service="echo"} 3"#,
+            r#"t_requests_total{method="other",outcome="failed",service="echo"} 600"#,
+            r#"t_requests_total{method="other",outcome="cancelled",service="echo"} 300"#,
+            r#"t_inflight_requests{service="echo"} 0"#,
+        ] {
+            assert!(out.contains(line), "missing {line:?} in\n{out}");
+        }
+        assert!(!out.contains("junk"), "{out}");
+        assert!(!out.contains(r#"method="other",outcome="ok""#), "{out}");
+    }
+
+    /// Calls of a method not labelled yet are counted where they started: in flight under
+    /// `other` until they end, there unless answered.
+    #[test]
+    fn calls_stay_where_they_started_until_answered() {
+        let registry = Registry::new();
+        let metrics = CallMetrics::<Test>::register(&registry, "t");
+        let echo = metrics.service("echo");
+        let failing = echo.start("m");
+        let answered = echo.start("m");
+        let held = echo.start("m");
+        assert_eq!(echo.other().read().inflight, 3);
+        answered.finish(Test::Ok);
+        assert_eq!(echo.method("m").method(), "m");
+        assert_eq!(echo.other().read().inflight, 2, "the answered call moved");
+        assert_eq!(echo.method("m").read().inflight, 0);
+        assert_eq!(echo.inflight(), 2);
+        failing.finish(Test::Failed);
+        // Answered after its method got a label: moves there too.
+        held.finish(Test::Ok);
+        // ONEWAY: done once written, no answer, no label.
+        echo.start("send").finish_unanswered(Test::Ok);
+        assert_eq!(echo.method("send").method(), OTHER);
+        assert_eq!(echo.inflight(), 0);
+        assert_eq!(echo.method("m").count(Test::Ok), 2);
+        assert_eq!(echo.other().count(Test::Failed), 1);
+        assert_eq!(echo.other().count(Test::Ok), 1);
+        assert_eq!(
+            echo.totals(),
+            Totals {
+                calls: 4,
+                errors: 1
+            }
+        );
+        let out = text(&registry);
+        assert!(
+            out.contains(r#"t_request_duration_seconds_count{method="m",service="echo"} 2"#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn the_unknown_placeholder_is_labelled_from_the_first_call() {
+        let registry = Registry::new();
+        let metrics = CallMetrics::<Test>::register(&registry, "t");
+        let unknown = metrics.service(UNKNOWN);
+        unknown.record(UNKNOWN, Test::Failed);
+        unknown.start(UNKNOWN).finish(Test::Failed);
+        assert_eq!(unknown.method(UNKNOWN).method(), UNKNOWN);
+        assert_eq!(unknown.method(UNKNOWN).count(Test::Failed), 2);
+        let out = text(&registry);
+        assert!(
+            out.contains(
+                r#"t_requests_total{method="unknown",outcome="failed",service="unknown"} 2"#
+            ),
+            "{out}"
+        );
+    }
+
+    /// Once `max_methods` methods have labels, a newly answered one stays under `other`.
+    #[test]
+    fn answered_methods_past_the_bound_stay_other() {
+        let registry = Registry::new();
+        let metrics = CallMetrics::<Test>::with_limits(&registry, "t", 4, 2);
+        let echo = metrics.service("echo");
+        for name in ["a", "b", "c", "c"] {
+            echo.start(name).finish(Test::Ok);
+        }
+        assert_eq!(echo.method("b").method(), "b");
+        assert_eq!(echo.method("c").method(), OTHER);
+        assert_eq!(echo.other().count(Test::Ok), 2);
+        assert_eq!(echo.inflight(), 0);
     }
 
     #[test]
@@ -831,10 +1027,15 @@ mod tests {
                 });
             }
         });
-        assert_eq!(echo.methods().len(), 50);
+        assert_eq!(echo.methods().len(), 51, "50 methods and `other`");
         assert_eq!(echo.totals().calls, 8000);
         assert_eq!(echo.inflight(), 0);
         assert_eq!(echo.method("m7").count(Test::Ok), 160);
+        assert_eq!(
+            echo.other().count(Test::Ok),
+            0,
+            "every answered call moved to its label"
+        );
     }
 
     #[test]
