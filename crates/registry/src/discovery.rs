@@ -28,6 +28,12 @@
 //! may carry new data), and the set is sent again if that changed it. Watches that fired
 //! together are handled as one batch, so a host going away with many services costs the
 //! same two round trips.
+//!
+//! # Same-host rule
+//! An endpoint whose `frontend` is a unix path registered by another host is left out of
+//! every [`DiscoveryEvent::Endpoints`] (see [`LocalHost`]), with one warning per node
+//! version: a node read again unchanged (on a resync, or when another endpoint of its
+//! service changed) is skipped quietly.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -41,7 +47,7 @@ use tracing::{debug, info, warn};
 use zookeeper_client as zk;
 
 use crate::session::{self, Backoff};
-use crate::{DiscoveryEvent, Endpoint, EndpointInfo, SessionState, ZkSettings};
+use crate::{DiscoveryEvent, Endpoint, EndpointInfo, LocalHost, SessionState, ZkSettings};
 use crate::{endpoint_path, service_path, services_path};
 
 /// Watches every service of `product` and sends [`DiscoveryEvent`]s until `shutdown` is
@@ -50,14 +56,34 @@ use crate::{endpoint_path, service_path, services_path};
 /// resyncs (sending the full state again, then [`DiscoveryEvent::Synced`]).
 ///
 /// Also returns when `events` is closed (nobody is listening any more).
+///
+/// Unix-path frontends are routable when registered by this machine ([`LocalHost::current`]);
+/// [`run_discovery_as`] names another host.
 pub async fn run_discovery(
     settings: ZkSettings,
     product: String,
     events: mpsc::Sender<DiscoveryEvent>,
     shutdown: CancellationToken,
 ) {
-    info!(servers = %settings.servers, product = %product, "discovery starting");
-    let discovery = Discovery::new(product, events);
+    run_discovery_as(settings, product, LocalHost::current(), events, shutdown).await;
+}
+
+/// [`run_discovery`] for a proxy on `local_host`: a unix-path frontend is passed on only
+/// when its node's `hostname` is empty, `localhost` or that host's name.
+pub async fn run_discovery_as(
+    settings: ZkSettings,
+    product: String,
+    local_host: LocalHost,
+    events: mpsc::Sender<DiscoveryEvent>,
+    shutdown: CancellationToken,
+) {
+    info!(
+        servers = %settings.servers,
+        product = %product,
+        host = %local_host,
+        "discovery starting"
+    );
+    let discovery = Discovery::new(product, local_host, events);
     // Dropping the discovery future mid-call is fine: its client goes with it, which closes
     // the session. A connect or read in progress therefore never delays shutdown.
     tokio::select! {
@@ -88,7 +114,8 @@ struct Node {
     /// Creation and modification zxids: a node that was re-created or rewritten has new ones.
     czxid: i64,
     mzxid: i64,
-    /// `None` when the data was not valid JSON (the endpoint is skipped).
+    /// `None` when the endpoint is skipped: its data was not valid JSON, or it is a unix
+    /// path of another host.
     info: Option<EndpointInfo>,
 }
 
@@ -140,6 +167,8 @@ struct Watches {
 struct Discovery {
     product: String,
     services_path: String,
+    /// The host whose unix-path frontends are routable.
+    local_host: LocalHost,
     events: mpsc::Sender<DiscoveryEvent>,
     /// Services as last read. Kept across disconnects and sessions: it is what the proxy
     /// routes with meanwhile, and a resync diffs against it to send `ServiceRemoved`.
@@ -153,10 +182,11 @@ struct Discovery {
 // === impl Discovery ===
 
 impl Discovery {
-    fn new(product: String, events: mpsc::Sender<DiscoveryEvent>) -> Self {
+    fn new(product: String, local_host: LocalHost, events: mpsc::Sender<DiscoveryEvent>) -> Self {
         Discovery {
             services_path: services_path(&product),
             product,
+            local_host,
             events,
             table: BTreeMap::new(),
             session: None,
@@ -571,18 +601,27 @@ impl Discovery {
         Ok(Ok(()))
     }
 
-    /// Parses endpoint data; logs unreadable JSON once per node version.
+    /// Parses endpoint data and applies the same-host rule; logs a skipped endpoint once per
+    /// node version (the same version always gets the same verdict).
     fn parse_nodes(&self, service: &str, reads: Vec<NodeRead>) -> BTreeMap<String, Node> {
         let known = self.table.get(service);
         reads
             .into_iter()
             .map(|read| {
+                let seen = known.and_then(|s| s.nodes.get(&read.name)).is_some_and(|old| {
+                    old.czxid == read.stat.czxid && old.mzxid == read.stat.mzxid
+                });
                 let info = match EndpointInfo::from_json(&read.data) {
-                    Ok(info) => Some(info),
+                    Ok(info) => match self.local_host.check(&info) {
+                        Ok(()) => Some(info),
+                        Err(err) => {
+                            if !seen {
+                                warn!(%service, node = %read.name, %err, "skipping endpoint: unix-path frontend of another host");
+                            }
+                            None
+                        }
+                    },
                     Err(err) => {
-                        let seen = known.and_then(|s| s.nodes.get(&read.name)).is_some_and(|old| {
-                            old.czxid == read.stat.czxid && old.mzxid == read.stat.mzxid
-                        });
                         if !seen {
                             warn!(%service, node = %read.name, %err, "skipping endpoint with unreadable data");
                         }
@@ -642,7 +681,7 @@ async fn read_all(client: &zk::Client, product: &str) -> Result<Snapshot, zk::Er
     let path = services_path(product);
     let (names, _stat, services_watch) = match client.get_and_watch_children(&path).await {
         Err(zk::Error::NoNode) => {
-            let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+            let options = zk::CreateMode::Persistent.with_acls(session::DIRECTORY_ACLS);
             // `mkdir` tolerates nodes that exist (another proxy may race us).
             client.mkdir(&path, &options).await?;
             client.get_and_watch_children(&path).await?

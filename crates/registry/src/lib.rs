@@ -6,6 +6,7 @@
 //! # Layout
 //! - `paths`: node paths and the `service_id` rule.
 //! - `endpoint`: the endpoint node JSON ([`EndpointInfo`]).
+//! - `host`: the same-host rule for unix-path frontends ([`LocalHost`]).
 //! - `discovery`: [`run_discovery`].
 //! - `registration`: [`Registration`].
 //! - `session`: connecting with the configured session timeout; expiry means a new client,
@@ -13,14 +14,16 @@
 
 mod discovery;
 mod endpoint;
+mod host;
 mod paths;
 mod registration;
 mod session;
 
 use std::time::Duration;
 
-pub use discovery::run_discovery;
+pub use discovery::{run_discovery, run_discovery_as};
 pub use endpoint::{Endpoint, EndpointInfo, now_start_time};
+pub use host::{ForeignUnixFrontend, LocalHost};
 pub use paths::{endpoint_path, service_id, service_path, services_path};
 pub use registration::Registration;
 
@@ -32,8 +35,10 @@ pub struct ZkSettings {
     /// Requested session timeout (`zk_session_timeout`); the server may clamp it.
     pub session_timeout: Duration,
     /// Digest credential `user:password` (`zk_auth`). When set, the session authenticates
-    /// and the nodes a [`Registration`] creates are readable by anyone and writable only by
-    /// sessions holding the same credential.
+    /// and a [`Registration`]'s own endpoint node is readable by anyone and writable only by
+    /// sessions holding the same credential. The parents it creates (the service directory
+    /// included) stay open to all, so that LBs without this credential can still register;
+    /// as ZooKeeper checks deletes against the parent, a deleted node is made again.
     pub auth: Option<String>,
 }
 
@@ -56,7 +61,9 @@ pub enum DiscoveryEvent {
     Endpoints {
         /// The service name.
         service: String,
-        /// Every endpoint whose data could be read, sorted by node name.
+        /// Every endpoint whose data could be read and that is routable from this host (a
+        /// unix-path frontend only when registered by this host: see [`LocalHost`]), sorted
+        /// by node name.
         endpoints: Vec<Endpoint>,
     },
     /// The service node is gone.

@@ -87,7 +87,7 @@ impl Registration {
             path: endpoint_path(&product, &info.service, &info.service_id),
             parent: service_path(&product, &info.service),
             data: serde_json::to_vec(&info)?,
-            acls: session::acls(&settings),
+            acls: session::endpoint_acls(&settings),
         };
         let client =
             session::connect(&settings)
@@ -198,6 +198,7 @@ struct Node {
     parent: String,
     /// The endpoint JSON.
     data: Vec<u8>,
+    /// ACLs of the endpoint node only (protected with `zk_auth`); its parents are open.
     acls: zk::Acls<'static>,
 }
 
@@ -213,13 +214,14 @@ enum Stale {
 // === impl Node ===
 
 impl Node {
-    /// Makes the parents (persistent) and the ephemeral node, owned by `client`'s session.
+    /// Makes the parents (persistent, open to all: see [`session::DIRECTORY_ACLS`]) and the
+    /// ephemeral node (with the registration's ACLs), owned by `client`'s session.
     /// Succeeds at once when that session owns the node already (it only ever writes this
     /// node's data). A node of another session is handled as `stale` says. Its owner is
     /// checked before it is deleted, and the delete is conditional on the version seen, so
     /// that only that very node goes.
     async fn create(&self, client: &zk::Client, stale: Stale) -> Result<(), RegistryError> {
-        let dir = zk::CreateMode::Persistent.with_acls(self.acls);
+        let dir = zk::CreateMode::Persistent.with_acls(session::DIRECTORY_ACLS);
         client
             .mkdir(&self.parent, &dir)
             .await

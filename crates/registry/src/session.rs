@@ -36,10 +36,14 @@ pub(crate) async fn connect(settings: &ZkSettings) -> Result<zk::Client, zk::Err
     connector.connect(&settings.servers).await
 }
 
-/// ACLs of nodes a registration creates: open to all without a credential; with one, anyone
-/// reads (proxies discover without credentials) and only the credential's holders write,
-/// create children and delete.
-pub(crate) fn acls(settings: &ZkSettings) -> zk::Acls<'static> {
+/// ACLs of an LB's own ephemeral endpoint node (CONTRACT section 9, "ZooKeeper ACLs"): open
+/// to all without a credential; with one, anyone reads (proxies discover without
+/// credentials) and only the credential's holders write its data or its ACL.
+///
+/// ZooKeeper checks a delete against the *parent's* ACL, and the parents are open (see
+/// [`DIRECTORY_ACLS`]): anyone may delete the node, and the registration then makes it again
+/// on its live session.
+pub(crate) fn endpoint_acls(settings: &ZkSettings) -> zk::Acls<'static> {
     static PROTECTED: [zk::Acl; 2] = [
         zk::Acl::new_const(zk::Permission::ALL, "auth", ""),
         zk::Acl::new_const(zk::Permission::READ, "world", "anyone"),
@@ -50,6 +54,14 @@ pub(crate) fn acls(settings: &ZkSettings) -> zk::Acls<'static> {
         zk::Acls::anyone_all()
     }
 }
+
+/// ACLs of every persistent parent a registration creates (`/zk`, `/zk/product`, the
+/// product, `services` and the service directory): open to all (world:anyone, all
+/// permissions), whatever `zk_auth` says. An LB of the same service without a credential (the
+/// Go original, during a migration) or with another credential must still be able to create
+/// its endpoint node, and another service its directory, whichever LB came first (CONTRACT
+/// section 9, "ZooKeeper ACLs").
+pub(crate) const DIRECTORY_ACLS: zk::Acls<'static> = zk::Acls::anyone_all();
 
 /// Whether a session in this state can never serve requests again.
 pub(crate) fn is_terminal(state: zk::SessionState) -> bool {

@@ -8,10 +8,14 @@ pub mod relay;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rpc_registry::{DiscoveryEvent, Endpoint, EndpointInfo, SessionState, ZkSettings};
+use rpc_registry::{DiscoveryEvent, Endpoint, EndpointInfo, LocalHost, SessionState, ZkSettings};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use zookeeper_client as zk;
+
+/// The host name in the node data of [`info`]: the tests' mesh runs on `web1`, and so does
+/// the proxy of [`Discovery::start`] (unix-path frontends are routable only from their host).
+pub const FIXTURE_HOST: &str = "web1";
 
 /// Generous bound for any single expected event (CI boxes are slow and shared).
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,7 +52,7 @@ pub fn info(service: &str, frontend: &str) -> EndpointInfo {
         frontend: frontend.to_owned(),
         deploy_path: "/srv/app".to_owned(),
         code_url_version: "git@host:grp/app.git@936d577".to_owned(),
-        hostname: "web1".to_owned(),
+        hostname: FIXTURE_HOST.to_owned(),
         start_time: "2017-07-08 12:00:00".to_owned(),
     }
 }
@@ -97,15 +101,26 @@ pub struct Discovery {
 }
 
 impl Discovery {
+    /// Discovery for a proxy on [`FIXTURE_HOST`], the host of every node [`info`] makes.
     pub fn start(settings: ZkSettings, product: &str) -> Discovery {
+        Self::start_as(settings, product, LocalHost::named(FIXTURE_HOST))
+    }
+
+    /// Discovery for a proxy on `local_host` (the same-host rule of unix-path frontends).
+    pub fn start_as(settings: ZkSettings, product: &str, local_host: LocalHost) -> Discovery {
+        let product = product.to_owned();
+        Self::spawn(|tx, shutdown| {
+            rpc_registry::run_discovery_as(settings, product, local_host, tx, shutdown)
+        })
+    }
+
+    fn spawn<F>(run: impl FnOnce(mpsc::Sender<DiscoveryEvent>, CancellationToken) -> F) -> Discovery
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(rpc_registry::run_discovery(
-            settings,
-            product.to_owned(),
-            tx,
-            shutdown.clone(),
-        ));
+        let task = tokio::spawn(run(tx, shutdown.clone()));
         Discovery {
             rx,
             shutdown,
