@@ -9,77 +9,48 @@
 //! more work).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::BytesMut;
 use rpc_frame::{ExceptionCode, Message};
-use tokio::sync::{Notify, mpsc};
+use rpc_mux::{Charge, ConnBudget};
+use tokio::sync::mpsc;
 
 use crate::metrics::{Meter, Outcome};
 
-/// A front connection's reply queue. The bytes queued and not yet written are counted, so
-/// the connection stops reading from a peer that does not read its replies (memory stays
-/// bounded by [`FRONT_BACKLOG_LIMIT`] plus one read).
+/// A front connection's reply queue. Every frame queued holds its bytes against the
+/// connection's byte budget until written, so the connection stops reading a peer that does
+/// not read its replies ([`rpc_mux::ConnBudget`]); a reply that would go past the budget is
+/// replaced by a code-6 error.
 #[derive(Debug, Clone)]
 pub struct FrontTx {
-    tx: mpsc::UnboundedSender<BytesMut>,
-    backlog: Arc<Backlog>,
-}
-
-/// Bytes of replies a front connection may have queued before it stops reading.
-pub const FRONT_BACKLOG_LIMIT: usize = 8 << 20;
-
-/// The unwritten bytes of one front connection.
-#[derive(Debug, Default)]
-pub struct Backlog {
-    bytes: AtomicUsize,
-    drained: Notify,
+    tx: mpsc::UnboundedSender<(BytesMut, Charge)>,
+    budget: Arc<ConnBudget>,
 }
 
 impl FrontTx {
-    /// A new queue: the sender, the writer's receiver, and the shared byte count.
-    pub fn channel() -> (Self, mpsc::UnboundedReceiver<BytesMut>, Arc<Backlog>) {
+    /// A new queue charging `budget`: the sender, and the writer's receiver.
+    pub fn channel(budget: Arc<ConnBudget>) -> (Self, mpsc::UnboundedReceiver<(BytesMut, Charge)>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let backlog = Arc::new(Backlog::default());
-        (
-            FrontTx {
-                tx,
-                backlog: backlog.clone(),
-            },
-            rx,
-            backlog,
-        )
+        (FrontTx { tx, budget }, rx)
     }
 
-    /// Queues a frame for the writer (a closed connection drops it).
+    /// Queues a frame the LB made itself (an error, a ping echo), whatever the budget: such
+    /// frames are small and answer frames already read (a closed connection drops it).
     pub fn send(&self, frame: BytesMut) {
-        let len = frame.len();
-        self.backlog.bytes.fetch_add(len, Ordering::AcqRel);
-        if self.tx.send(frame).is_err() {
-            self.backlog.written(len);
-        }
-    }
-}
-
-impl Backlog {
-    /// The writer wrote `len` bytes.
-    pub fn written(&self, len: usize) {
-        let before = self.bytes.fetch_sub(len, Ordering::AcqRel);
-        if before >= FRONT_BACKLOG_LIMIT && before - len < FRONT_BACKLOG_LIMIT {
-            self.drained.notify_waiters();
-        }
+        let charge = self.budget.charge(frame.len());
+        let _ = self.tx.send((frame, charge));
     }
 
-    /// Waits until fewer than [`FRONT_BACKLOG_LIMIT`] bytes are queued.
-    pub async fn wait_room(&self) {
-        loop {
-            let drained = self.drained.notified();
-            if self.bytes.load(Ordering::Acquire) < FRONT_BACKLOG_LIMIT {
-                return;
+    /// Queues a worker's reply if it fits the budget; otherwise hands it back.
+    fn send_within_budget(&self, frame: BytesMut) -> Result<(), BytesMut> {
+        match self.budget.try_charge_reply(frame.len()) {
+            Some(charge) => {
+                let _ = self.tx.send((frame, charge));
+                Ok(())
             }
-            drained.await;
+            None => Err(frame),
         }
     }
 }
@@ -94,14 +65,23 @@ pub struct ReplyTo {
 }
 
 impl ReplyTo {
-    /// Sends a reply frame (a closed front connection drops it).
-    pub fn send(&self, frame: BytesMut) {
-        self.tx.send(frame);
+    /// Sends a worker's reply with the proxy's seqid; when the front connection's byte budget
+    /// has no room for it, the caller gets a code-6 error instead.
+    pub fn reply(&self, mut message: Message) {
+        message.set_seqid(self.seqid);
+        let method = message.name().to_owned();
+        if self.tx.send_within_budget(message.into_wire()).is_err() {
+            self.fail(
+                &method,
+                ExceptionCode::InternalError,
+                "reply dropped: the connection's buffer is full (max_connection_buffer_bytes or max_process_buffer_bytes)",
+            );
+        }
     }
 
     /// Sends a `TApplicationException` for `method`.
     pub fn fail(&self, method: &str, code: ExceptionCode, text: &str) {
-        self.send(rpc_frame::application_exception(
+        self.tx.send(rpc_frame::application_exception(
             method, self.seqid, code, text,
         ));
     }
@@ -118,6 +98,9 @@ pub struct Call {
     pub deadline: Instant,
     /// Times the call from the front to its answer; records the outcome.
     pub meter: Meter,
+    /// The request's bytes against its front connection's budget, until it is written to a
+    /// worker or failed.
+    pub request: Charge,
 }
 
 impl Call {
@@ -133,14 +116,9 @@ impl Call {
     }
 }
 
-/// What a worker connection receives.
-#[derive(Debug)]
-pub enum ToWorker {
-    /// A call to run.
-    Call(Call),
-    /// A control frame to write as is (STOP_CONFIRM).
-    Control(BytesMut),
-}
+/// What a worker connection receives: a call to run, or a control frame to write as is
+/// (STOP_CONFIRM).
+pub type ToWorker = rpc_mux::Outbound<Call>;
 
 /// Identifies a worker connection.
 pub type WorkerId = u64;
@@ -215,6 +193,9 @@ impl Dispatcher {
     ///
     /// # Errors
     /// The call comes back with a [`Reject`] when it can be neither sent nor queued.
+    // The refused call comes back by value: boxing it would cost an allocation per call on
+    // the path that succeeds too.
+    #[allow(clippy::result_large_err)]
     pub fn submit(&self, call: Call) -> Result<(), (Call, Reject)> {
         let mut guard = self.state();
         let state = &mut *guard;
@@ -423,6 +404,7 @@ mod tests {
             reply: None,
             deadline,
             meter: Meter::detached(),
+            request: Charge::none(),
         }
     }
 

@@ -13,21 +13,31 @@
 //!   frames, so a proxy, which pings idle connections every second, is never cut.
 //!
 //! Closing stops the reading only: replies still owed are written first.
+//!
+//! # Bounds (CONTRACT section 9)
+//! - Requests read and replies queued are charged to the connection's byte budget
+//!   ([`rpc_mux::ConnBudget`]); at its bound or the process's, the peer is not read (that time
+//!   is not held against its deadlines) and a reply that would go past it becomes a code-6
+//!   error.
+//! - A peer that accepts no byte of a pending reply for `write_timeout_ms` is closed, and so
+//!   is the whole connection whenever its writer fails, whatever is still queued.
+//! - A request over `max_frame_size` is answered with code 7 and skipped without buffering
+//!   it; the calls pipelined before and behind it are served.
 
-use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use rpc_frame::{ExceptionCode, Message, MessageType};
+use rpc_mux::{Charge, ConnBudget, Decoded, FrameDecoder, Oversized, ProcessBudget};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Backlog, Call, Dispatcher, FrontTx, Reject, ReplyTo};
+use crate::dispatch::{Call, Dispatcher, FrontTx, Reject, ReplyTo};
 use crate::metrics::{LbMetrics, Outcome, UNKNOWN};
 
 /// Tunables of front connections.
@@ -44,8 +54,22 @@ pub struct FrontSettings {
     /// Close a connection with no call in flight and no frame either way this long; `None`:
     /// never.
     pub idle_timeout: Option<Duration>,
+    /// Close a peer that accepts no byte of a pending reply this long.
+    pub write_timeout: Duration,
+    /// Bytes of requests and replies buffered for one connection before it is not read.
+    pub max_buffer_bytes: usize,
+    /// The process's byte budget, shared by every front connection.
+    pub process_budget: Arc<ProcessBudget>,
     /// Where calls are counted.
     pub metrics: Arc<LbMetrics>,
+}
+
+impl FrontSettings {
+    /// The largest request read: `max_frame_size`, or the connection's byte budget when that
+    /// is smaller (a frame the connection may not buffer is refused like an oversized one).
+    pub fn frame_limit(&self) -> usize {
+        self.max_frame_size.min(self.max_buffer_bytes)
+    }
 }
 
 /// The default of [`FrontSettings::frame_timeout`]: twice the default request timeout, and
@@ -219,10 +243,23 @@ pub async fn serve<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     activity.connections.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx, backlog) = FrontTx::channel();
+    let budget = ConnBudget::new(&settings.process_budget, settings.max_buffer_bytes);
+    let (tx, rx) = FrontTx::channel(budget.clone());
     let flow = Arc::new(Flow::new());
-    let writing = tokio::spawn(write_loop(writer, rx, backlog.clone(), flow.clone()));
+    // Cancelled when the writer ends (the peer is gone or stopped reading): the connection is
+    // torn down then, whatever is queued.
+    let writer_gone = CancellationToken::new();
+    let writing = tokio::spawn(write_loop(
+        writer,
+        rx,
+        flow.clone(),
+        settings.write_timeout,
+        writer_gone.clone(),
+    ));
     let mut buf = BytesMut::new();
+    let mut decoder = FrameDecoder::new(settings.frame_limit());
+    // The bytes of an incomplete frame in `buf`, against the budget.
+    let mut partial = Charge::none();
     let mut clocks = Clocks {
         frame_started: None,
         last_read: tokio::time::Instant::now(),
@@ -235,15 +272,13 @@ pub async fn serve<R, W>(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
         }
-        // A peer that does not read its replies is not read either; that time is not held
-        // against its deadlines.
-        let mut room = pin!(backlog.wait_room());
-        let full =
-            std::future::poll_fn(|cx| Poll::Ready(room.as_mut().poll(cx).is_pending())).await;
-        if full {
+        // A peer that does not read its replies is not read either (its byte budget is
+        // full); that time is not held against its deadlines.
+        if budget.is_full() {
             tokio::select! {
-                _ = room => {}
+                () = budget.wait_room() => {}
                 _ = close.cancelled() => break Stop::Done,
+                _ = writer_gone.cancelled() => break Stop::Done,
             }
             let now = tokio::time::Instant::now();
             clocks.last_read = now;
@@ -252,6 +287,7 @@ pub async fn serve<R, W>(
         let read = tokio::select! {
             read = reader.read_buf(&mut buf) => read,
             _ = close.cancelled() => break Stop::Done,
+            _ = writer_gone.cancelled() => break Stop::Done,
             () = &mut timer, if armed.is_some() => {
                 let now = tokio::time::Instant::now();
                 if let Some(stop) = clocks.expired(&settings, &flow, now) {
@@ -271,10 +307,47 @@ pub async fn serve<R, W>(
         let now = tokio::time::Instant::now();
         clocks.last_read = now;
         let before = buf.len();
-        if !take_frames(&mut buf, &tx, &dispatcher, &settings, &activity, &flow) {
+        let frames = Frames {
+            tx: &tx,
+            budget: &budget,
+            dispatcher: &dispatcher,
+            settings: &settings,
+            activity: &activity,
+            flow: &flow,
+        };
+        if !frames.take(&mut decoder, &mut buf) {
             break Stop::Done;
         }
-        if buf.is_empty() {
+        if decoder.awaiting_head(&buf) {
+            // An oversized frame's header is not all in: after one more look at what the
+            // socket already holds, answer it without its seqid rather than wait on a peer
+            // that may have sent no more (a peer writes a frame at once, so its header comes
+            // with its length).
+            buf.reserve(1024);
+            let eof = matches!(
+                reader.read_buf(&mut buf).now_or_never(),
+                Some(Ok(0) | Err(_))
+            );
+            if !frames.take(&mut decoder, &mut buf) {
+                break Stop::Done;
+            }
+            if let Some(Decoded::Oversized(over)) = decoder.give_up_head(&mut buf) {
+                frames.oversized(&over);
+                if !frames.take(&mut decoder, &mut buf) {
+                    break Stop::Done;
+                }
+            }
+            if eof {
+                break Stop::Done;
+            }
+        }
+        if partial.bytes() != buf.len() {
+            partial = Charge::none();
+            if !buf.is_empty() {
+                partial = budget.charge(buf.len());
+            }
+        }
+        if !decoder.in_frame(&buf) {
             clocks.frame_started = None;
         } else if clocks.frame_started.is_none() || buf.len() < before {
             // What is left began in this read (a whole frame was taken, or none was pending).
@@ -312,124 +385,181 @@ pub async fn serve<R, W>(
     activity.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Handles every whole frame in `buf`; false when the stream cannot be framed any more.
-fn take_frames(
-    buf: &mut BytesMut,
-    tx: &FrontTx,
-    dispatcher: &Dispatcher,
-    settings: &FrontSettings,
-    activity: &Activity,
-    flow: &Flow,
-) -> bool {
-    loop {
-        let frame = match rpc_frame::decode_frame(buf, settings.max_frame_size) {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return true,
-            Err(e) => {
-                settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
-                let text = format!("bad frame: {e}");
-                flow.owe();
-                tx.send(rpc_frame::application_exception(
-                    "",
-                    0,
-                    ExceptionCode::ProtocolError,
-                    &text,
-                ));
-                return false;
-            }
+/// What handling the frames of one front connection needs.
+struct Frames<'a> {
+    tx: &'a FrontTx,
+    budget: &'a Arc<ConnBudget>,
+    dispatcher: &'a Dispatcher,
+    settings: &'a FrontSettings,
+    activity: &'a Activity,
+    flow: &'a Flow,
+}
+
+impl Frames<'_> {
+    /// Answers a request over `max_frame_size` with code 7 (its own seqid when its header
+    /// came with it); the rest of it is skipped as it arrives.
+    fn oversized(&self, over: &Oversized) {
+        self.settings
+            .metrics
+            .calls
+            .record(UNKNOWN, Outcome::Protocol);
+        let text = format!(
+            "frame of {} bytes is over max_frame_size ({})",
+            over.len,
+            self.settings.frame_limit()
+        );
+        tracing::debug!(len = over.len, "oversized front frame skipped");
+        let (method, seqid) = match &over.head {
+            Some(head) if head.message_type == MessageType::Oneway => return,
+            Some(head) => (head.method(), head.seqid),
+            None => ("", 0),
         };
-        let mut message = match Message::parse(frame) {
-            Ok(m) => m,
-            Err((frame, e)) => {
-                settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
-                // The caller's seqid where it can still be read, as the proxy does.
-                let (name, seqid) =
-                    rpc_frame::salvage_name_and_seqid(&frame, &e).unwrap_or_default();
-                let text = format!("malformed message header: {e}");
+        self.flow.owe();
+        self.tx.send(rpc_frame::application_exception(
+            method,
+            seqid,
+            ExceptionCode::ProtocolError,
+            &text,
+        ));
+    }
+
+    /// Handles every whole frame in `buf`; false when the stream cannot be framed any more.
+    fn take(&self, decoder: &mut FrameDecoder, buf: &mut BytesMut) -> bool {
+        let Frames {
+            tx,
+            budget,
+            dispatcher,
+            settings,
+            activity,
+            flow,
+        } = *self;
+        loop {
+            let frame = match decoder.decode(buf) {
+                Ok(Some(Decoded::Frame(frame))) => frame,
+                Ok(Some(Decoded::Oversized(over))) => {
+                    self.oversized(&over);
+                    continue;
+                }
+                Ok(None) => return true,
+                Err(e) => {
+                    settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
+                    let text = format!("bad frame: {e}");
+                    flow.owe();
+                    tx.send(rpc_frame::application_exception(
+                        "",
+                        0,
+                        ExceptionCode::ProtocolError,
+                        &text,
+                    ));
+                    return false;
+                }
+            };
+            let mut message = match Message::parse(frame) {
+                Ok(m) => m,
+                Err((frame, e)) => {
+                    settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
+                    // The caller's seqid where it can still be read, as the proxy does.
+                    let (name, seqid) =
+                        rpc_frame::salvage_name_and_seqid(&frame, &e).unwrap_or_default();
+                    let text = format!("malformed message header: {e}");
+                    flow.owe();
+                    tx.send(rpc_frame::application_exception(
+                        &name,
+                        seqid,
+                        ExceptionCode::ProtocolError,
+                        &text,
+                    ));
+                    continue;
+                }
+            };
+            let seqid = message.seqid();
+            match message.message_type() {
+                MessageType::Heartbeat => {
+                    flow.owe();
+                    tx.send(message.into_wire());
+                    continue;
+                }
+                MessageType::Call | MessageType::Oneway => {}
+                other => {
+                    settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
+                    let text = format!("message type {} is not a call", other.as_u8());
+                    flow.owe();
+                    tx.send(rpc_frame::application_exception(
+                        message.method(),
+                        seqid,
+                        ExceptionCode::ProtocolError,
+                        &text,
+                    ));
+                    continue;
+                }
+            }
+            activity.note_call();
+            message.strip_service();
+            let reply = (message.message_type() == MessageType::Call).then(|| {
+                // Exactly one frame answers a call: its reply or an error.
                 flow.owe();
-                tx.send(rpc_frame::application_exception(
-                    &name,
+                ReplyTo {
+                    tx: tx.clone(),
                     seqid,
-                    ExceptionCode::ProtocolError,
-                    &text,
-                ));
-                continue;
+                }
+            });
+            let now = Instant::now();
+            let call = Call {
+                meter: settings.metrics.calls.start_at(message.name(), now),
+                request: budget.charge(message.as_wire().len()),
+                message,
+                reply,
+                deadline: now + settings.request_timeout,
+            };
+            if let Err((call, refused)) = dispatcher.submit(call) {
+                reject(call, refused, &settings.service, &settings.metrics);
             }
-        };
-        let seqid = message.seqid();
-        match message.message_type() {
-            MessageType::Heartbeat => {
-                flow.owe();
-                tx.send(message.into_wire());
-                continue;
-            }
-            MessageType::Call | MessageType::Oneway => {}
-            other => {
-                settings.metrics.calls.record(UNKNOWN, Outcome::Protocol);
-                let text = format!("message type {} is not a call", other.as_u8());
-                flow.owe();
-                tx.send(rpc_frame::application_exception(
-                    message.method(),
-                    seqid,
-                    ExceptionCode::ProtocolError,
-                    &text,
-                ));
-                continue;
-            }
-        }
-        activity.note_call();
-        message.strip_service();
-        let reply = (message.message_type() == MessageType::Call).then(|| {
-            // Exactly one frame answers a call: its reply or an error.
-            flow.owe();
-            ReplyTo {
-                tx: tx.clone(),
-                seqid,
-            }
-        });
-        let now = Instant::now();
-        let call = Call {
-            meter: settings.metrics.calls.start_at(message.name(), now),
-            message,
-            reply,
-            deadline: now + settings.request_timeout,
-        };
-        if let Err((call, refused)) = dispatcher.submit(call) {
-            reject(call, refused, &settings.service, &settings.metrics);
         }
     }
 }
 
 async fn write_loop<W>(
     mut writer: W,
-    mut rx: mpsc::UnboundedReceiver<BytesMut>,
-    backlog: Arc<Backlog>,
+    mut rx: mpsc::UnboundedReceiver<(BytesMut, Charge)>,
     flow: Arc<Flow>,
+    timeout: Duration,
+    gone: CancellationToken,
 ) where
     W: AsyncWrite + Unpin,
 {
+    let _gone = gone.drop_guard();
     let mut batch = Vec::with_capacity(64);
     let mut buf = BytesMut::new();
     while rx.recv_many(&mut batch, 256).await > 0 {
         let frames = batch.len();
-        for frame in batch.drain(..) {
+        let mut held = Vec::with_capacity(frames);
+        for (frame, charge) in batch.drain(..) {
             if buf.is_empty() && frame.len() > 64 * 1024 {
-                if writer.write_all(&frame).await.is_err() {
-                    return;
+                if let Err(e) = rpc_mux::write_all(&mut writer, &frame, timeout).await {
+                    return log_write_error(&e);
                 }
-                backlog.written(frame.len());
             } else {
                 buf.extend_from_slice(&frame);
+                held.push(charge);
             }
         }
         if !buf.is_empty() {
-            if writer.write_all(&buf).await.is_err() {
-                return;
+            if let Err(e) = rpc_mux::write_all(&mut writer, &buf, timeout).await {
+                return log_write_error(&e);
             }
-            backlog.written(buf.len());
             buf.clear();
+            if buf.capacity() > 256 * 1024 {
+                buf = BytesMut::new();
+            }
         }
+        drop(held);
         flow.wrote(frames);
     }
     let _ = writer.shutdown().await;
+}
+
+fn log_write_error(error: &rpc_mux::WriteError) {
+    if error.is_stall() {
+        tracing::info!(%error, "front connection closed: the peer stopped reading its replies");
+    }
 }

@@ -110,6 +110,9 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         request_timeout,
         frame_timeout: front::FRAME_TIMEOUT,
         idle_timeout: config.front_idle_timeout,
+        write_timeout: config.common.write_timeout,
+        max_buffer_bytes: config.common.max_connection_buffer_bytes,
+        process_budget: rpc_mux::ProcessBudget::new(config.common.max_process_buffer_bytes),
         metrics: metrics.clone(),
     });
     let worker_settings = Arc::new(WorkerSettings {
@@ -118,6 +121,7 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         max_capacity: MAX_WORKER_CAPACITY,
         heartbeat_interval: config.common.heartbeat_interval,
         heartbeat_timeout: config.common.heartbeat_timeout,
+        write_timeout: config.common.write_timeout,
         max_frame_size: config.common.max_frame_size,
         metrics: metrics.clone(),
     });

@@ -3,6 +3,12 @@
 //! restored on the reply, heartbeats both ways, STOP / STOP_CONFIRM, and HELLO (capacity).
 //! Sits between the [`Dispatcher`] and the worker sockets.
 //!
+//! Each connection runs [`rpc_mux::connection::run`] (writer, reader and clock side by side:
+//! a worker that stops reading cannot stop timeouts or heartbeats) under the LB's
+//! [`WorkerPolicy`]: a call past its deadline is answered at once but keeps its worker slot
+//! until the worker answers (a hung handler gets no more work); a call never written goes to
+//! another worker.
+//!
 //! # A connection is a worker only once it proves it
 //! A new back connection is pinged at once and gets no call until it has sent a valid HELLO
 //! (type 23) or any well-formed heartbeat (type 20: the echo of that ping, which is all an
@@ -11,13 +17,13 @@
 //! message closes it, and so does silence for `heartbeat_timeout`; it never held a call, so
 //! no call is lost.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use rpc_frame::{ExceptionCode, Hello, InFlight, Message, MessageType};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use rpc_frame::{ExceptionCode, Hello, Message, MessageType};
+use rpc_mux::{Ending, Expiry, Failure, Outbound, Start, Tick};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::dispatch::{Call, Dispatcher, ReplyTo, ToWorker, WorkerId};
@@ -37,7 +43,9 @@ pub struct WorkerSettings {
     /// Drop a worker quiet this long, and a new connection that has not proved to be a
     /// worker (HELLO or ping echo) this long after it was accepted.
     pub heartbeat_timeout: Duration,
-    /// Largest frame accepted from a worker.
+    /// Drop a worker that accepts no byte of a pending write this long.
+    pub write_timeout: Duration,
+    /// Largest frame accepted from a worker; a larger reply fails its call only.
     pub max_frame_size: usize,
     /// Where calls and workers are counted.
     pub metrics: Arc<LbMetrics>,
@@ -53,7 +61,7 @@ pub enum WorkerEvent {
 }
 
 /// A call written to the worker, waiting for its reply.
-struct Pending {
+pub struct Pending {
     /// `None` once the caller has been answered (timeout): the slot stays taken until the
     /// worker answers.
     reply: Option<ReplyTo>,
@@ -62,42 +70,35 @@ struct Pending {
     meter: Option<Meter>,
 }
 
-struct Shared {
-    /// Numbers back connections for the logs, workers or not.
-    conn: u64,
-    /// Set once the connection proved to be a worker and joined the dispatcher.
-    worker: OnceLock<WorkerId>,
-    pending: Mutex<InFlight<Pending>>,
-    epoch: Instant,
-    last_rx_ms: AtomicU64,
+/// Why the LB closes a back connection that is not (or no longer) a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotWorker {
+    /// Neither HELLO nor a ping echo within the heartbeat timeout of the accept.
+    NoHandshake,
+    /// A message no worker sends before it has proved to be one.
+    NotAWorker,
 }
 
 /// Back connections accepted so far (log numbering only).
 static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
-impl Shared {
-    /// The dispatcher's id for this worker; `None` until it proved to be one.
-    fn id(&self) -> Option<WorkerId> {
-        self.worker.get().copied()
-    }
-    fn pending(&self) -> std::sync::MutexGuard<'_, InFlight<Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-}
+// === impl WorkerPolicy ===
 
-/// Why a worker connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    Closed,
-    HeartbeatTimeout,
-    BadFrame,
-    /// Neither HELLO nor a ping echo within the heartbeat timeout of the accept.
-    NoHandshake,
-    /// A message no worker sends before it has proved to be one.
-    NotAWorker,
+/// What the LB does with the calls of one back connection ([`rpc_mux::Policy`], module docs).
+pub struct WorkerPolicy<'a> {
+    /// Numbers back connections for the logs, workers or not.
+    conn: u64,
+    /// Set once the connection proved to be a worker and joined the dispatcher.
+    worker: OnceLock<WorkerId>,
+    /// It sent STOP before it joined: it never joins.
+    stopped: AtomicBool,
+    /// Calls it held when it left, and calls handed back for another worker.
+    lost: AtomicUsize,
+    moved: AtomicUsize,
+    tx: &'a mpsc::UnboundedSender<ToWorker>,
+    dispatcher: &'a Arc<Dispatcher>,
+    settings: &'a WorkerSettings,
+    events: &'a mpsc::UnboundedSender<WorkerEvent>,
 }
 
 /// Serves one back connection until it closes. It joins the dispatcher only once it proved
@@ -114,92 +115,324 @@ pub async fn serve<R, W>(
     W: AsyncWrite + Unpin,
 {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let shared = Shared {
+    let policy = WorkerPolicy {
         conn: CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1,
         worker: OnceLock::new(),
-        pending: Mutex::new(InFlight::new()),
-        epoch: Instant::now(),
-        last_rx_ms: AtomicU64::new(0),
+        stopped: AtomicBool::new(false),
+        lost: AtomicUsize::new(0),
+        moved: AtomicUsize::new(0),
+        tx: &tx,
+        dispatcher: &dispatcher,
+        settings: &settings,
+        events: &events,
     };
     tracing::debug!(
         service = settings.service,
-        conn = shared.conn,
+        conn = policy.conn,
         "back connection accepted; pinged, no call until HELLO or the ping's echo"
     );
-    let ending = tokio::select! {
-        ending = write_loop(&shared, &dispatcher, &settings, writer, &mut rx) => ending,
-        ending = read_loop(&shared, &dispatcher, &settings, reader, &tx, &events) => ending,
+    let mux = rpc_mux::Settings {
+        heartbeat_interval: settings.heartbeat_interval,
+        heartbeat_timeout: settings.heartbeat_timeout,
+        write_timeout: settings.write_timeout,
+        max_frame_size: settings.max_frame_size,
+        // A worker that never sends HELLO proves itself by the echo of this first ping.
+        ping_at_start: true,
+        ping_always: true,
     };
-    let Some(id) = shared.id() else {
+    let never = std::future::pending::<()>();
+    let ending = rpc_mux::connection::run(&policy, &mux, reader, writer, &mut rx, never).await;
+    let Some(id) = policy.id() else {
         // Never in the dispatcher: it held no call and nothing was handed to it.
         tracing::warn!(
             service = settings.service,
-            conn = shared.conn,
+            conn = policy.conn,
             ?ending,
             "back connection closed before it proved to be a worker (no HELLO, no ping echo); it got no call"
         );
         return;
     };
-    dispatcher.remove(id);
-    settings.metrics.workers_left.inc();
-    let _ = events.send(WorkerEvent::Left(id));
-    let held = shared.pending().take_all();
-    let lost = held.iter().filter(|p| p.reply.is_some()).count();
-    for pending in held {
-        if let Some(reply) = pending.reply {
-            let text = format!(
-                "Service: {}, Method: {}, Error: worker lost ({ending:?}) while running the call",
-                settings.service, pending.method
-            );
-            reply.fail(&pending.method, ExceptionCode::InternalError, &text);
-        }
-        if let Some(meter) = pending.meter {
-            meter.finish(Outcome::WorkerLost);
-        }
-    }
-    // Calls handed over but never written: another worker can run them.
-    rx.close();
-    let mut moved = 0;
-    while let Ok(item) = rx.try_recv() {
-        if let ToWorker::Call(call) = item {
-            moved += 1;
-            resubmit(&dispatcher, &settings, call);
-        }
-    }
     tracing::info!(
         service = settings.service,
         worker = id,
-        conn = shared.conn,
+        conn = policy.conn,
         ?ending,
-        lost,
-        moved,
+        lost = policy.lost.load(Ordering::Relaxed),
+        moved = policy.moved.load(Ordering::Relaxed),
         "worker left"
     );
 }
 
-/// The connection proved to be a worker: it joins the dispatcher with `capacity` slots.
-fn activate(
-    shared: &Shared,
-    dispatcher: &Dispatcher,
-    settings: &WorkerSettings,
-    tx: &mpsc::UnboundedSender<ToWorker>,
-    events: &mpsc::UnboundedSender<WorkerEvent>,
-    capacity: usize,
-    proof: &'static str,
-) -> WorkerId {
-    let id = dispatcher.add_worker(tx.clone(), capacity);
-    // `serve` owns `shared` and only this function sets it, once: the caller checked `id()`.
-    let _ = shared.worker.set(id);
-    settings.metrics.workers_joined.inc();
-    let _ = events.send(WorkerEvent::Joined(id));
-    tracing::info!(
-        service = settings.service,
-        worker = id,
-        conn = shared.conn,
-        proof,
-        "worker joined"
-    );
-    id
+impl WorkerPolicy<'_> {
+    /// The dispatcher's id for this worker; `None` until it proved to be one.
+    fn id(&self) -> Option<WorkerId> {
+        self.worker.get().copied()
+    }
+
+    /// The connection proved to be a worker: it joins the dispatcher with `capacity` slots.
+    fn activate(&self, capacity: usize, proof: &'static str) -> WorkerId {
+        let id = self.dispatcher.add_worker(self.tx.clone(), capacity);
+        // Only this function sets it, once: the callers checked `id()`.
+        let _ = self.worker.set(id);
+        self.settings.metrics.workers_joined.inc();
+        let _ = self.events.send(WorkerEvent::Joined(id));
+        tracing::info!(
+            service = self.settings.service,
+            worker = id,
+            conn = self.conn,
+            proof,
+            "worker joined"
+        );
+        id
+    }
+
+    /// Handles a frame that came before the connection proved to be a worker: a valid HELLO
+    /// or any heartbeat makes it join; STOP is confirmed; anything else means it is not a
+    /// worker.
+    fn handshake(&self, message: &Message) -> Result<(), NotWorker> {
+        let stopped = self.stopped.load(Ordering::Relaxed);
+        match message.message_type() {
+            MessageType::Hello => match Hello::decode(message.body()) {
+                Some(hello) if !stopped => {
+                    let capacity = hello_capacity(&hello, self.settings);
+                    let id = self.activate(capacity, "hello");
+                    log_hello(id, &hello, capacity, self.settings);
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!(conn = self.conn, "malformed HELLO ignored (not joined yet)")
+                }
+            },
+            MessageType::Heartbeat if !stopped => {
+                self.activate(self.settings.default_capacity, "ping echo");
+            }
+            MessageType::Heartbeat => {}
+            MessageType::Stop => {
+                tracing::info!(
+                    service = self.settings.service,
+                    conn = self.conn,
+                    "back connection sent STOP before it joined; it gets no call"
+                );
+                let _ = self.tx.send(Outbound::Control(rpc_frame::stop_confirm()));
+                self.stopped.store(true, Ordering::Relaxed);
+            }
+            other => {
+                tracing::warn!(
+                    service = self.settings.service,
+                    conn = self.conn,
+                    kind = other.as_u8(),
+                    name = message.name(),
+                    "not a worker: this message came before HELLO or a ping echo; closing"
+                );
+                return Err(NotWorker::NotAWorker);
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles a frame (not the reply of a held call) from a connection that joined.
+    fn worker_frame(&self, id: WorkerId, message: &Message) {
+        match message.message_type() {
+            MessageType::Reply | MessageType::Exception => tracing::debug!(
+                worker = id,
+                seqid = message.seqid(),
+                "reply for no pending call"
+            ),
+            // The echo of our ping; any frame already counted as life.
+            MessageType::Heartbeat => {}
+            MessageType::Stop => {
+                tracing::info!(
+                    service = self.settings.service,
+                    worker = id,
+                    "worker stopping (STOP)"
+                );
+                self.dispatcher.deactivate(id);
+                let _ = self.events.send(WorkerEvent::Left(id));
+                let _ = self.tx.send(Outbound::Control(rpc_frame::stop_confirm()));
+            }
+            MessageType::Hello => match Hello::decode(message.body()) {
+                Some(hello) => {
+                    let capacity = hello_capacity(&hello, self.settings);
+                    log_hello(id, &hello, capacity, self.settings);
+                    self.dispatcher.set_capacity(id, capacity);
+                }
+                None => tracing::warn!(worker = id, "malformed HELLO ignored"),
+            },
+            other => tracing::debug!(
+                worker = id,
+                kind = other.as_u8(),
+                "unexpected frame from worker ignored"
+            ),
+        }
+    }
+
+    /// Answers the caller of a held call with code 6 and records `outcome`.
+    fn fail(&self, pending: Pending, error: &str, outcome: Outcome) {
+        if let Some(reply) = pending.reply {
+            let text = format!(
+                "Service: {}, Method: {}, Error: {error}",
+                self.settings.service, pending.method
+            );
+            reply.fail(&pending.method, ExceptionCode::InternalError, &text);
+        }
+        if let Some(meter) = pending.meter {
+            meter.finish(outcome);
+        }
+    }
+}
+
+impl rpc_mux::Policy for WorkerPolicy<'_> {
+    type Call = Call;
+    type Pending = Pending;
+    type Close = NotWorker;
+
+    fn start(&self, call: Call, _: Instant) -> Start<Pending> {
+        let pending = match call.reply {
+            // The proxy's seqid is kept in ReplyTo; the worker sees ours.
+            Some(reply) => Some((
+                call.deadline,
+                Pending {
+                    reply: Some(reply),
+                    method: call.message.name().to_owned(),
+                    meter: Some(call.meter),
+                },
+            )),
+            // A ONEWAY call is done once written.
+            None => {
+                // Written, not answered: a ONEWAY name earns no metric label of its own.
+                call.meter.finish_unanswered(Outcome::Ok);
+                None
+            }
+        };
+        Start {
+            message: call.message,
+            pending,
+        }
+    }
+
+    fn written(&self, _: usize, oneway: usize) {
+        // Calls reach this connection only once it joined, so `id()` is set.
+        if let Some(id) = self.id() {
+            for _ in 0..oneway {
+                self.dispatcher.finished(id);
+            }
+        }
+    }
+
+    fn reply(&self, pending: Pending, message: Message) {
+        if let Some(id) = self.id() {
+            self.dispatcher.finished(id);
+        }
+        if let Some(meter) = pending.meter {
+            meter.finish(match message.message_type() {
+                MessageType::Exception => Outcome::Exception,
+                _ => Outcome::Ok,
+            });
+        }
+        if let Some(reply) = pending.reply {
+            reply.reply(message);
+        }
+    }
+
+    fn expired(&self, pending: &mut Pending) -> Expiry {
+        if let Some(reply) = pending.reply.take() {
+            let text = format!(
+                "Service: {}, Method: {}, Error: timeout, the worker did not answer within the request timeout",
+                self.settings.service, pending.method
+            );
+            reply.fail(&pending.method, ExceptionCode::InternalError, &text);
+            if let Some(meter) = pending.meter.take() {
+                meter.finish(Outcome::Timeout);
+            }
+        }
+        Expiry::Keep
+    }
+
+    fn failed(&self, pending: Pending, failure: Failure<NotWorker>) {
+        match failure {
+            Failure::Ended(ending) => {
+                if pending.reply.is_some() {
+                    self.lost.fetch_add(1, Ordering::Relaxed);
+                }
+                let error = format!("worker lost ({ending:?}) while running the call");
+                self.fail(pending, &error, Outcome::WorkerLost);
+            }
+            Failure::ReplyTooLarge { len } => {
+                // The worker answered: its slot is free again.
+                if let Some(id) = self.id() {
+                    self.dispatcher.finished(id);
+                }
+                let error = format!(
+                    "the worker's reply of {len} bytes is over max_frame_size ({})",
+                    self.settings.max_frame_size
+                );
+                self.fail(pending, &error, Outcome::Protocol);
+            }
+            Failure::ReplyMalformed => {
+                if let Some(id) = self.id() {
+                    self.dispatcher.finished(id);
+                }
+                self.fail(
+                    pending,
+                    "malformed reply from the worker",
+                    Outcome::Protocol,
+                );
+            }
+            // Never dropped at expiry (`Expiry::Keep`).
+            Failure::Timeout => self.fail(pending, "timeout", Outcome::Timeout),
+        }
+    }
+
+    fn frame(&self, message: Message) -> Result<(), NotWorker> {
+        match self.id() {
+            Some(id) => {
+                self.worker_frame(id, &message);
+                Ok(())
+            }
+            None => self.handshake(&message),
+        }
+    }
+
+    fn malformed(&self, error: &rpc_frame::HeaderError) -> Result<(), NotWorker> {
+        tracing::warn!(worker = self.id(), conn = self.conn, %error, "bad header from worker");
+        match self.id() {
+            Some(_) => Ok(()),
+            None => Err(NotWorker::NotAWorker),
+        }
+    }
+
+    fn oversized(&self) -> Result<(), NotWorker> {
+        if self.id().is_none() {
+            tracing::warn!(
+                service = self.settings.service,
+                conn = self.conn,
+                "not a worker: a frame over max_frame_size came before HELLO or a ping echo; closing"
+            );
+            return Err(NotWorker::NotAWorker);
+        }
+        Ok(())
+    }
+
+    fn tick(&self, tick: &Tick) -> Result<(), NotWorker> {
+        if self.id().is_none() && tick.age >= self.settings.heartbeat_timeout {
+            return Err(NotWorker::NoHandshake);
+        }
+        Ok(())
+    }
+
+    fn ended(&self, _: Ending<NotWorker>) {
+        if let Some(id) = self.id() {
+            self.dispatcher.remove(id);
+            self.settings.metrics.workers_left.inc();
+            let _ = self.events.send(WorkerEvent::Left(id));
+        }
+    }
+
+    fn unsent(&self, call: Call, _: Ending<NotWorker>) {
+        // Handed over but never written: another worker can run it.
+        self.moved.fetch_add(1, Ordering::Relaxed);
+        resubmit(self.dispatcher, self.settings, call);
+    }
 }
 
 /// A worker's HELLO capacity, within what the LB believes.
@@ -213,257 +446,6 @@ fn hello_capacity(hello: &Hello, settings: &WorkerSettings) -> usize {
 pub fn resubmit(dispatcher: &Dispatcher, settings: &WorkerSettings, call: Call) {
     if let Err((call, reject)) = dispatcher.submit(call) {
         crate::front::reject(call, reject, &settings.service, &settings.metrics);
-    }
-}
-
-async fn write_loop<W>(
-    shared: &Shared,
-    dispatcher: &Dispatcher,
-    settings: &WorkerSettings,
-    mut writer: W,
-    rx: &mut mpsc::UnboundedReceiver<ToWorker>,
-) -> Ending
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut tick =
-        tokio::time::interval(settings.heartbeat_interval.min(Duration::from_millis(200)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::with_capacity(64);
-    let mut buf = BytesMut::new();
-    let interval_ms = settings.heartbeat_interval.as_millis() as u64;
-    let timeout_ms = settings.heartbeat_timeout.as_millis() as u64;
-    // The first ping goes out at once: a worker that never sends HELLO proves itself by its
-    // echo, so it joins within a round trip.
-    if writer.write_all(&rpc_frame::heartbeat(0)).await.is_err() {
-        return Ending::Closed;
-    }
-    let mut last_ping_ms = shared.now_ms();
-    loop {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, 256) => {
-                if n == 0 {
-                    return Ending::Closed;
-                }
-                let mut oneway_written = 0;
-                {
-                    let mut pending = shared.pending();
-                    for item in batch.drain(..) {
-                        match item {
-                            ToWorker::Control(frame) => buf.extend_from_slice(&frame),
-                            ToWorker::Call(call) => {
-                                let mut message = call.message;
-                                let seqid = match call.reply {
-                                    // The proxy's seqid is kept in ReplyTo; the worker sees ours.
-                                    Some(reply) => pending.insert(
-                                        call.deadline,
-                                        Pending {
-                                            reply: Some(reply),
-                                            method: message.name().to_owned(),
-                                            meter: Some(call.meter),
-                                        },
-                                    ),
-                                    // A ONEWAY call is done once written.
-                                    None => {
-                                        oneway_written += 1;
-                                        call.meter.finish(Outcome::Ok);
-                                        pending.next_seqid()
-                                    }
-                                };
-                                message.set_seqid(seqid);
-                                buf.extend_from_slice(message.as_wire());
-                            }
-                        }
-                    }
-                }
-                if writer.write_all(&buf).await.is_err() {
-                    return Ending::Closed;
-                }
-                buf.clear();
-                if buf.capacity() > 1 << 20 {
-                    buf = BytesMut::new();
-                }
-                // Calls reach this connection only once it joined, so `id()` is set.
-                if let Some(id) = shared.id() {
-                    for _ in 0..oneway_written {
-                        dispatcher.finished(id);
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                expire(shared, settings);
-                let now_ms = shared.now_ms();
-                if shared.id().is_none() && now_ms >= timeout_ms {
-                    return Ending::NoHandshake;
-                }
-                let quiet = now_ms.saturating_sub(shared.last_rx_ms.load(Ordering::Relaxed));
-                if quiet >= timeout_ms {
-                    return Ending::HeartbeatTimeout;
-                }
-                if now_ms.saturating_sub(last_ping_ms) >= interval_ms {
-                    last_ping_ms = now_ms;
-                    if writer.write_all(&rpc_frame::heartbeat(0)).await.is_err() {
-                        return Ending::Closed;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Answers callers whose deadline passed; their worker slot stays taken until the worker
-/// answers.
-fn expire(shared: &Shared, settings: &WorkerSettings) {
-    let now = Instant::now();
-    let mut pending = shared.pending();
-    while let Some(seqid) = pending.next_expired(now) {
-        if let Some(call) = pending.get_mut(seqid)
-            && let Some(reply) = call.reply.take()
-        {
-            let text = format!(
-                "Service: {}, Method: {}, Error: timeout, the worker did not answer within the request timeout",
-                settings.service, call.method
-            );
-            reply.fail(&call.method, ExceptionCode::InternalError, &text);
-            if let Some(meter) = call.meter.take() {
-                meter.finish(Outcome::Timeout);
-            }
-        }
-    }
-}
-
-async fn read_loop<R>(
-    shared: &Shared,
-    dispatcher: &Dispatcher,
-    settings: &WorkerSettings,
-    mut reader: R,
-    tx: &mpsc::UnboundedSender<ToWorker>,
-    events: &mpsc::UnboundedSender<WorkerEvent>,
-) -> Ending
-where
-    R: AsyncRead + Unpin,
-{
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    // A connection that sent STOP before it joined never joins.
-    let mut stopped = false;
-    loop {
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
-        match reader.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Ending::Closed,
-            Ok(_) => {}
-        }
-        shared.last_rx_ms.store(shared.now_ms(), Ordering::Relaxed);
-        loop {
-            let frame = match rpc_frame::decode_frame(&mut buf, settings.max_frame_size) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(
-                        worker = shared.id(),
-                        conn = shared.conn,
-                        error = %e,
-                        "bad frame from worker"
-                    );
-                    return Ending::BadFrame;
-                }
-            };
-            let message = match Message::parse(frame) {
-                Ok(m) => m,
-                Err((_, e)) => {
-                    tracing::warn!(
-                        worker = shared.id(),
-                        conn = shared.conn,
-                        error = %e,
-                        "bad header from worker"
-                    );
-                    return Ending::BadFrame;
-                }
-            };
-            if shared.id().is_none() {
-                match handshake(shared, dispatcher, settings, tx, events, &message, stopped) {
-                    Handshake::Wait => {}
-                    Handshake::Stopped => stopped = true,
-                    Handshake::Refuse => return Ending::NotAWorker,
-                }
-                continue;
-            }
-            worker_frame(shared, dispatcher, settings, tx, events, message);
-        }
-    }
-}
-
-/// What a frame from a connection that has not proved to be a worker leads to.
-enum Handshake {
-    /// Joined, or nothing proved yet (a malformed HELLO): keep reading.
-    Wait,
-    /// It sent STOP (confirmed): it never joins.
-    Stopped,
-    /// Not a worker: close.
-    Refuse,
-}
-
-/// Handles a frame that came before the connection proved to be a worker: a valid HELLO or
-/// any heartbeat makes it join; STOP is confirmed; anything else means it is not a worker.
-fn handshake(
-    shared: &Shared,
-    dispatcher: &Dispatcher,
-    settings: &WorkerSettings,
-    tx: &mpsc::UnboundedSender<ToWorker>,
-    events: &mpsc::UnboundedSender<WorkerEvent>,
-    message: &Message,
-    stopped: bool,
-) -> Handshake {
-    match message.message_type() {
-        MessageType::Hello => match Hello::decode(message.body()) {
-            Some(hello) if !stopped => {
-                let capacity = hello_capacity(&hello, settings);
-                let id = activate(shared, dispatcher, settings, tx, events, capacity, "hello");
-                log_hello(id, &hello, capacity, settings);
-                Handshake::Wait
-            }
-            Some(_) => Handshake::Wait,
-            None => {
-                tracing::warn!(
-                    conn = shared.conn,
-                    "malformed HELLO ignored (not joined yet)"
-                );
-                Handshake::Wait
-            }
-        },
-        MessageType::Heartbeat if !stopped => {
-            activate(
-                shared,
-                dispatcher,
-                settings,
-                tx,
-                events,
-                settings.default_capacity,
-                "ping echo",
-            );
-            Handshake::Wait
-        }
-        MessageType::Heartbeat => Handshake::Wait,
-        MessageType::Stop => {
-            tracing::info!(
-                service = settings.service,
-                conn = shared.conn,
-                "back connection sent STOP before it joined; it gets no call"
-            );
-            let _ = tx.send(ToWorker::Control(rpc_frame::stop_confirm()));
-            Handshake::Stopped
-        }
-        other => {
-            tracing::warn!(
-                service = settings.service,
-                conn = shared.conn,
-                kind = other.as_u8(),
-                name = message.name(),
-                "not a worker: this message came before HELLO or a ping echo; closing"
-            );
-            Handshake::Refuse
-        }
     }
 }
 
@@ -482,70 +464,5 @@ fn log_hello(id: WorkerId, hello: &Hello, capacity: usize, settings: &WorkerSett
             ours = settings.service,
             "worker serves another service name"
         );
-    }
-}
-
-/// Handles a frame from a connection that joined as a worker.
-fn worker_frame(
-    shared: &Shared,
-    dispatcher: &Dispatcher,
-    settings: &WorkerSettings,
-    tx: &mpsc::UnboundedSender<ToWorker>,
-    events: &mpsc::UnboundedSender<WorkerEvent>,
-    mut message: Message,
-) {
-    let Some(id) = shared.id() else {
-        return;
-    };
-    match message.message_type() {
-        MessageType::Reply | MessageType::Exception => {
-            let call = shared.pending().remove(message.seqid());
-            let Some(call) = call else {
-                tracing::debug!(
-                    worker = id,
-                    seqid = message.seqid(),
-                    "reply for no pending call"
-                );
-                return;
-            };
-            dispatcher.finished(id);
-            if let Some(meter) = call.meter {
-                meter.finish(match message.message_type() {
-                    MessageType::Exception => Outcome::Exception,
-                    _ => Outcome::Ok,
-                });
-            }
-            if let Some(reply) = call.reply {
-                message.set_seqid(reply.seqid);
-                reply.send(message.into_wire());
-            }
-        }
-        // The echo of our ping; any frame already counted as life.
-        MessageType::Heartbeat => {}
-        MessageType::Stop => {
-            tracing::info!(
-                service = settings.service,
-                worker = id,
-                "worker stopping (STOP)"
-            );
-            dispatcher.deactivate(id);
-            let _ = events.send(WorkerEvent::Left(id));
-            let _ = tx.send(ToWorker::Control(rpc_frame::stop_confirm()));
-        }
-        MessageType::Hello => match Hello::decode(message.body()) {
-            Some(hello) => {
-                let capacity = hello_capacity(&hello, settings);
-                log_hello(id, &hello, capacity, settings);
-                dispatcher.set_capacity(id, capacity);
-            }
-            None => tracing::warn!(worker = id, "malformed HELLO ignored"),
-        },
-        other => {
-            tracing::debug!(
-                worker = id,
-                kind = other.as_u8(),
-                "unexpected frame from worker ignored"
-            );
-        }
     }
 }

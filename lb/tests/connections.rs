@@ -39,6 +39,8 @@ struct Timings {
     heartbeat_timeout: Duration,
     frame_timeout: Duration,
     idle_timeout: Option<Duration>,
+    write_timeout: Duration,
+    max_buffer_bytes: usize,
 }
 
 impl Default for Timings {
@@ -48,6 +50,8 @@ impl Default for Timings {
             heartbeat_timeout: Duration::from_secs(2),
             frame_timeout: front::FRAME_TIMEOUT,
             idle_timeout: None,
+            write_timeout: Duration::from_secs(30),
+            max_buffer_bytes: 32 << 20,
         }
     }
 }
@@ -76,6 +80,9 @@ impl Lb {
                 request_timeout: Duration::from_secs(10),
                 frame_timeout: timings.frame_timeout,
                 idle_timeout: timings.idle_timeout,
+                write_timeout: timings.write_timeout,
+                max_buffer_bytes: timings.max_buffer_bytes,
+                process_budget: rpc_mux::ProcessBudget::new(1 << 30),
                 metrics: metrics.clone(),
             }),
             back: Arc::new(WorkerSettings {
@@ -84,6 +91,7 @@ impl Lb {
                 max_capacity: 64,
                 heartbeat_interval: timings.heartbeat_interval,
                 heartbeat_timeout: timings.heartbeat_timeout,
+                write_timeout: timings.write_timeout,
                 max_frame_size: MAX_FRAME,
                 metrics,
             }),

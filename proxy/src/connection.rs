@@ -11,6 +11,17 @@
 //! [`FRAME_TIMEOUT`]: a client dripping bytes is closed (after the replies it is owed), while
 //! a large frame arriving steadily is fine. This holds whether or not `client_idle_timeout_ms`
 //! is set, so a stalled client never holds a connection forever.
+//!
+//! # Bounds (CONTRACT section 9)
+//! - Every request frame read and every reply waiting to be written is charged to the
+//!   connection's byte budget ([`rpc_mux::ConnBudget`]) until its call is answered or the
+//!   reply written. At the connection's or the process's bound the client is not read; a
+//!   reply that would go past it is replaced by a code-6 error.
+//! - A client that accepts no byte of a pending reply for `write_timeout_ms` is closed.
+//! - A request over `max_frame_size` is answered with code 7 and skipped without buffering
+//!   it; the calls pipelined behind it go on.
+//! - A call's wait for its reply ends by `request_timeout_ms` (plus [`CALLER_MARGIN`])
+//!   even if the upstream connection could not say so.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +32,7 @@ use bytes::BytesMut;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use rpc_frame::{ExceptionCode, FrameError, Message, MessageType};
+use rpc_mux::{Charge, ConnBudget, Decoded, FrameDecoder, Oversized, ProcessBudget};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -41,10 +53,47 @@ pub struct ConnectionSettings {
     pub startup_hold: Duration,
     /// Close a connection with nothing in flight and no frame for this long.
     pub idle_timeout: Option<Duration>,
+    /// Close a client that accepts no byte of a pending reply this long.
+    pub write_timeout: Duration,
+    /// Bytes of requests and replies buffered for one connection before it is not read.
+    pub max_buffer_bytes: usize,
+    /// The process's byte budget, shared by every client connection.
+    pub process_budget: Arc<ProcessBudget>,
+}
+
+impl ConnectionSettings {
+    /// The largest request read: `max_frame_size`, or the connection's byte budget when that
+    /// is smaller (a frame the connection may not buffer is refused like an oversized one).
+    pub fn frame_limit(&self) -> usize {
+        self.max_frame_size.min(self.max_buffer_bytes)
+    }
+
+    /// Settings with the CONTRACT defaults for the keys not given (tests).
+    pub fn new(max_frame_size: usize, max_inflight: usize, startup_hold: Duration) -> Self {
+        ConnectionSettings {
+            max_frame_size,
+            max_inflight,
+            startup_hold,
+            idle_timeout: None,
+            write_timeout: Duration::from_secs(30),
+            max_buffer_bytes: 32 << 20,
+            process_budget: ProcessBudget::new(1 << 30),
+        }
+    }
+}
+
+/// Bytes to write to the client with what they hold of the budget.
+struct Ready {
+    bytes: BytesMut,
+    charge: Charge,
 }
 
 /// A reply slot: resolves to the bytes to write, or `None` (ONEWAY).
-type ReplyFuture = Pin<Box<dyn Future<Output = Option<BytesMut>> + Send>>;
+type ReplyFuture = Pin<Box<dyn Future<Output = Option<Ready>> + Send>>;
+
+/// How much longer than `request_timeout_ms` a caller waits on its upstream connection's
+/// answer before giving up by itself (the connection's clock normally answers first).
+pub const CALLER_MARGIN: Duration = Duration::from_millis(500);
 
 /// Endpoints tried per call: a call that was never written may go to another endpoint.
 const MAX_ATTEMPTS: usize = 3;
@@ -85,10 +134,14 @@ pub async fn serve_with_frame_timeout<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let budget = ConnBudget::new(&settings.process_budget, settings.max_buffer_bytes);
     let mut conn = Connection {
         reader,
         writer,
         router,
+        decoder: FrameDecoder::new(settings.frame_limit()),
+        budget,
+        partial: Charge::none(),
         settings,
         inflight: FuturesOrdered::new(),
         rbuf: BytesMut::new(),
@@ -105,6 +158,11 @@ struct Connection<R, W> {
     writer: W,
     router: Arc<Router>,
     settings: Arc<ConnectionSettings>,
+    decoder: FrameDecoder,
+    /// Bytes of this connection's requests and replies held.
+    budget: Arc<ConnBudget>,
+    /// The bytes of an incomplete frame in `rbuf`, against `budget`.
+    partial: Charge,
     inflight: FuturesOrdered<ReplyFuture>,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -135,7 +193,9 @@ where
             if stopping && self.inflight.is_empty() {
                 break;
             }
-            let can_read = self.reading && !stopping;
+            let want_read = self.reading && !stopping;
+            let full = want_read && self.budget.is_full();
+            let can_read = want_read && !full;
             let idle = self
                 .settings
                 .idle_timeout
@@ -160,13 +220,22 @@ where
                         Ok(_) => {
                             let before = self.rbuf.len();
                             self.take_frames();
+                            if self.reading && self.decoder.awaiting_head(&self.rbuf) {
+                                self.finish_head();
+                            }
                             self.note_partial_frame(before);
+                            self.charge_partial_frame();
                         }
                     }
                     if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
                         // Give back a buffer grown by a large frame.
                         self.rbuf = BytesMut::new();
                     }
+                }
+                () = self.budget.wait_room(), if full => {
+                    // Time the proxy itself did not read is not held against a frame.
+                    let now = tokio::time::Instant::now();
+                    self.frame_started = self.frame_started.map(|_| now);
                 }
                 _ = &mut cancelled, if !stopping => stopping = true,
                 _ = sleep_opt(idle), if can_read => {
@@ -182,6 +251,7 @@ where
                     );
                     self.reading = false;
                     self.rbuf = BytesMut::new();
+                    self.partial = Charge::none();
                     self.frame_started = None;
                 }
             }
@@ -192,17 +262,20 @@ where
         let _ = self.writer.shutdown().await;
     }
 
-    /// Writes the head reply and every reply already ready behind it, in one write.
-    async fn write_ready(&mut self, first: Option<BytesMut>) -> bool {
+    /// Writes the head reply and every reply already ready behind it, in one write; false
+    /// when the client is gone or took no byte for the write timeout.
+    async fn write_ready(&mut self, first: Option<Ready>) -> bool {
         let mut next = Some(first);
+        let mut held = Vec::new();
         while let Some(reply) = next {
-            if let Some(bytes) = reply {
+            if let Some(Ready { bytes, charge }) = reply {
                 if self.wbuf.is_empty() && bytes.len() > 64 * 1024 {
-                    if self.writer.write_all(&bytes).await.is_err() {
+                    if !self.write(&bytes).await {
                         return false;
                     }
                 } else {
                     self.wbuf.extend_from_slice(&bytes);
+                    held.push(charge);
                 }
             }
             next = if self.inflight.is_empty() {
@@ -212,9 +285,13 @@ where
             };
         }
         if !self.wbuf.is_empty() {
-            if self.writer.write_all(&self.wbuf).await.is_err() {
+            let wbuf = std::mem::take(&mut self.wbuf);
+            let written = self.write(&wbuf).await;
+            self.wbuf = wbuf;
+            if !written {
                 return false;
             }
+            drop(held);
             self.wbuf.clear();
             if self.wbuf.capacity() > 256 * 1024 {
                 self.wbuf = BytesMut::new();
@@ -223,25 +300,79 @@ where
         true
     }
 
+    /// Writes `bytes` within the write timeout.
+    async fn write(&mut self, bytes: &[u8]) -> bool {
+        match rpc_mux::write_all(&mut self.writer, bytes, self.settings.write_timeout).await {
+            Ok(()) => true,
+            Err(e) => {
+                if e.is_stall() {
+                    tracing::info!(
+                        timeout_ms = self.settings.write_timeout.as_millis() as u64,
+                        "client accepted no reply byte within the write timeout, closing"
+                    );
+                }
+                false
+            }
+        }
+    }
+
     /// Starts or stops the frame clock after `take_frames`; `before` is the buffer's length
     /// before it. What is left is an incomplete frame that began in this read if a whole
     /// frame was taken or none was pending.
     fn note_partial_frame(&mut self, before: usize) {
-        if self.rbuf.is_empty() {
+        if !self.decoder.in_frame(&self.rbuf) {
             self.frame_started = None;
         } else if self.frame_started.is_none() || self.rbuf.len() < before {
             self.frame_started = Some(tokio::time::Instant::now());
         }
     }
 
+    /// Charges the incomplete frame left in the read buffer (it counts against the budget
+    /// like the calls it will become).
+    fn charge_partial_frame(&mut self) {
+        let len = self.rbuf.len();
+        if self.partial.bytes() != len {
+            self.partial = Charge::none();
+            if len > 0 {
+                self.partial = self.budget.charge(len);
+            }
+        }
+    }
+
+    /// Answers a request over `max_frame_size` (code 7, its own seqid when its header came
+    /// with it); the rest of it is skipped as it arrives.
+    fn oversized(&mut self, over: &Oversized) {
+        self.count_protocol_error();
+        let reply = oversized_reply(over, self.settings.frame_limit());
+        self.inflight.push_back(ready(reply));
+    }
+
+    /// An oversized frame's header is not all in: after one more look at what the socket
+    /// already holds, answer it without its seqid rather than wait on a client that may have
+    /// sent no more (a client writes a frame at once, so its header comes with its length).
+    fn finish_head(&mut self) {
+        self.rbuf.reserve(READ_CHUNK);
+        match self.reader.read_buf(&mut self.rbuf).now_or_never() {
+            Some(Ok(0) | Err(_)) => self.reading = false,
+            Some(Ok(_)) => self.take_frames(),
+            None => {}
+        }
+        if let Some(Decoded::Oversized(over)) = self.decoder.give_up_head(&mut self.rbuf) {
+            self.oversized(&over);
+            self.take_frames();
+        }
+    }
+
     /// Turns every whole frame in the read buffer into a reply slot.
     fn take_frames(&mut self) {
         loop {
-            match rpc_frame::decode_frame(&mut self.rbuf, self.settings.max_frame_size) {
-                Ok(Some(frame)) => {
-                    let slot = self.dispatch(frame);
+            match self.decoder.decode(&mut self.rbuf) {
+                Ok(Some(Decoded::Frame(frame))) => {
+                    let charge = self.budget.charge(frame.len());
+                    let slot = self.dispatch(frame, charge);
                     self.inflight.push_back(slot);
                 }
+                Ok(Some(Decoded::Oversized(over))) => self.oversized(&over),
                 Ok(None) => return,
                 Err(e) => {
                     // The byte stream cannot be framed any more: answer once, then close.
@@ -255,7 +386,7 @@ where
         }
     }
 
-    fn dispatch(&mut self, frame: BytesMut) -> ReplyFuture {
+    fn dispatch(&mut self, frame: BytesMut, charge: Charge) -> ReplyFuture {
         let message = match Message::parse(frame) {
             Ok(m) => m,
             Err((frame, e)) => {
@@ -314,6 +445,8 @@ where
         Box::pin(call(
             self.router.clone(),
             message,
+            charge,
+            self.budget.clone(),
             self.settings.clone(),
             started,
         ))
@@ -329,7 +462,10 @@ where
 }
 
 fn ready(reply: Option<BytesMut>) -> ReplyFuture {
-    Box::pin(std::future::ready(reply))
+    Box::pin(std::future::ready(reply.map(|bytes| Ready {
+        bytes,
+        charge: Charge::none(),
+    })))
 }
 
 fn reply_unless_oneway(oneway: bool, build: impl FnOnce() -> BytesMut) -> Option<BytesMut> {
@@ -355,6 +491,28 @@ fn error_frame(method: &str, seqid: i32, error: &CallError) -> BytesMut {
     rpc_frame::application_exception(method, seqid, error.code(), &error.to_string())
 }
 
+/// The code-7 answer to a request over `max_frame_size` (none for ONEWAY); it reaches the
+/// caller by the seqid its header gave, when it had a readable one.
+fn oversized_reply(over: &Oversized, max: usize) -> Option<BytesMut> {
+    let text = format!("frame of {} bytes is over max_frame_size ({max})", over.len);
+    tracing::debug!(len = over.len, max, "oversized client frame skipped");
+    match &over.head {
+        Some(head) if head.message_type == MessageType::Oneway => None,
+        Some(head) => Some(rpc_frame::application_exception(
+            head.method(),
+            head.seqid,
+            ExceptionCode::ProtocolError,
+            &text,
+        )),
+        None => Some(rpc_frame::application_exception(
+            "",
+            0,
+            ExceptionCode::ProtocolError,
+            &text,
+        )),
+    }
+}
+
 fn frame_error_reply(error: &FrameError) -> Option<BytesMut> {
     tracing::debug!(%error, "unframeable client input, closing");
     Some(rpc_frame::application_exception(
@@ -371,9 +529,11 @@ fn frame_error_reply(error: &FrameError) -> Option<BytesMut> {
 async fn call(
     router: Arc<Router>,
     mut message: Message,
+    request: Charge,
+    budget: Arc<ConnBudget>,
     settings: Arc<ConnectionSettings>,
     started: Instant,
-) -> Option<BytesMut> {
+) -> Option<Ready> {
     let oneway = message.message_type() == MessageType::Oneway;
     let client_seqid = message.seqid();
     let name = message.name().to_owned();
@@ -384,7 +544,10 @@ async fn call(
             None
         } else {
             tracing::debug!(service, method, error = %error, "call failed");
-            Some(error_frame(method, client_seqid, &error))
+            Some(Ready {
+                bytes: error_frame(method, client_seqid, &error),
+                charge: Charge::none(),
+            })
         }
     };
     if !router.is_synced() {
@@ -405,16 +568,30 @@ async fn call(
     // Dropped unfinished (the client went away) it counts as `cancelled`.
     let guard = entry.calls.start_at(method, started);
     message.strip_service();
-    match forward(&entry, method, message, oneway, client_seqid).await {
+    let forwarded = forward(&entry, method, message, oneway, client_seqid).await;
+    drop(request);
+    match forwarded {
         Ok(Some(reply)) => {
+            let Some(charge) = budget.try_charge_reply(reply.as_wire().len()) else {
+                guard.finish(Outcome::Overloaded);
+                return fail(CallError::Overloaded {
+                    service: service.to_owned(),
+                    method: method.to_owned(),
+                    cause: "reply dropped: the client's connection buffer is full (max_connection_buffer_bytes or max_process_buffer_bytes)",
+                });
+            };
             guard.finish(match reply.message_type() {
                 MessageType::Exception => Outcome::Exception,
                 _ => Outcome::Ok,
             });
-            Some(reply.into_wire())
+            Some(Ready {
+                bytes: reply.into_wire(),
+                charge,
+            })
         }
         Ok(None) => {
-            guard.finish(Outcome::Ok);
+            // Written, not answered: a ONEWAY name earns no metric label of its own.
+            guard.finish_unanswered(Outcome::Ok);
             None
         }
         Err(error) => {
@@ -493,8 +670,13 @@ async fn forward(
             cause,
         };
         // When the drain grace is over the endpoint's connection fails this call with
-        // `Stopping` (UpstreamSettings::abort), so this wait ends too.
-        match rx.await {
+        // `Stopping` (UpstreamSettings::abort), so this wait ends too. The connection's clock
+        // fails it at its deadline; the caller's own bound is the backstop.
+        let Ok(answer) = tokio::time::timeout(endpoint.request_timeout() + CALLER_MARGIN, rx).await
+        else {
+            return Err(upstream(UpstreamFailure::Timeout));
+        };
+        match answer {
             Ok(Ok(reply)) => return Ok(Some(reply)),
             Ok(Err(Failure::NotSent(back))) => {
                 message = back;

@@ -70,6 +70,12 @@ pub enum UpstreamFailure {
     /// The proxy is stopping and the call could not finish in the grace period.
     #[error("proxy stopping")]
     Stopping,
+    /// The endpoint accepted no byte of a pending write for `write_timeout_ms`.
+    #[error("endpoint stopped reading (write timeout)")]
+    WriteTimeout,
+    /// The reply was larger than `max_frame_size` (skipped; the connection goes on).
+    #[error("reply larger than max_frame_size")]
+    ReplyTooLarge,
 }
 
 impl CallError {
@@ -94,6 +100,8 @@ impl CallError {
                 UpstreamFailure::BadReply => "bad_reply",
                 UpstreamFailure::ConnectFailed => "connect_failed",
                 UpstreamFailure::Stopping => "stopping",
+                UpstreamFailure::WriteTimeout => "write_timeout",
+                UpstreamFailure::ReplyTooLarge => "reply_too_large",
             },
             CallError::Overloaded { .. } => "overloaded",
             CallError::Protocol(_) => "protocol",

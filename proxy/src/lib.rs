@@ -59,6 +59,8 @@ pub fn upstream_settings(config: &ProxyConfig) -> UpstreamSettings {
         max_pending: config.max_pending_per_endpoint,
         connections: config.upstream_connections,
         max_frame_size: config.common.max_frame_size,
+        write_timeout: config.common.write_timeout,
+        max_queued_bytes: config.common.max_connection_buffer_bytes,
         abort: Arc::default(),
     }
 }
@@ -138,6 +140,9 @@ async fn serve(
         max_inflight: config.max_inflight_per_connection,
         startup_hold: config.startup_hold,
         idle_timeout: config.client_idle_timeout,
+        write_timeout: config.common.write_timeout,
+        max_buffer_bytes: config.common.max_connection_buffer_bytes,
+        process_budget: rpc_mux::ProcessBudget::new(config.common.max_process_buffer_bytes),
     });
     // The admin endpoint outlives the drain (its /healthz says 503 meanwhile).
     let admin_stop = CancellationToken::new();

@@ -77,6 +77,8 @@ impl Outcome {
                 UpstreamFailure::BadReply => Outcome::BadReply,
                 UpstreamFailure::ConnectFailed => Outcome::ConnectFailed,
                 UpstreamFailure::Stopping => Outcome::Stopping,
+                UpstreamFailure::WriteTimeout => Outcome::ConnectionLost,
+                UpstreamFailure::ReplyTooLarge => Outcome::BadReply,
             },
         }
     }

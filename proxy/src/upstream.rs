@@ -4,7 +4,9 @@
 //! removal and close when idle. Sits between the router (which picks an [`Endpoint`]) and
 //! the endpoint's socket.
 //!
-//! Each connection is one task running a writer and a reader side by side. A call is an
+//! Each connection is one task running [`rpc_mux::connection::run`] (writer, reader and clock
+//! side by side, so a peer that stops reading cannot stop timeouts) under the proxy's
+//! upstream policy: fail a call and let its caller try another endpoint. A call is an
 //! [`Outgoing`]; its answer comes back on a oneshot channel as [`Reply`]. A call that was
 //! never written (connect failed, connection gone before the write) comes back as
 //! [`Failure::NotSent`] with its message, so the caller can safely try another endpoint.
@@ -13,11 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rand::Rng;
 use rpc_config::Address;
-use rpc_frame::{InFlight, Message, MessageType};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use rpc_frame::{Message, MessageType};
+use rpc_mux::{Ending, Expiry, Outbound, Start, Tick};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -40,8 +41,13 @@ pub struct UpstreamSettings {
     pub max_pending: usize,
     /// Multiplexed connections per endpoint.
     pub connections: usize,
-    /// Largest reply frame accepted.
+    /// Largest reply frame accepted; a larger one fails its call only.
     pub max_frame_size: usize,
+    /// A connection whose endpoint accepts no byte of a pending write this long is closed.
+    pub write_timeout: Duration,
+    /// Bytes of calls queued and not yet written on one connection beyond which new calls
+    /// are refused (`max_connection_buffer_bytes`).
+    pub max_queued_bytes: usize,
     /// Fired when the proxy's drain grace is over: every connection fails the calls it holds
     /// with [`UpstreamFailure::Stopping`] and closes, and new calls are refused.
     pub abort: Arc<Abort>,
@@ -86,6 +92,8 @@ impl Default for UpstreamSettings {
             max_pending: 8192,
             connections: 1,
             max_frame_size: rpc_frame::DEFAULT_MAX_FRAME_SIZE,
+            write_timeout: Duration::from_secs(30),
+            max_queued_bytes: 32 << 20,
             abort: Arc::default(),
         }
     }
@@ -119,7 +127,8 @@ pub struct Outgoing {
 pub enum Refused {
     /// In reconnect backoff: try another endpoint.
     Backoff(Outgoing),
-    /// `max_pending` calls already on this endpoint.
+    /// `max_pending` calls already on this endpoint, or `max_queued_bytes` waiting to be
+    /// written on its connection (the endpoint does not read).
     Full(Outgoing),
     /// The proxy's drain grace is over ([`UpstreamSettings::abort`]).
     Stopping(Outgoing),
@@ -164,6 +173,11 @@ impl Endpoint {
             backoff_until_ms: AtomicU64::new(0),
             failures: AtomicU32::new(0),
         })
+    }
+
+    /// How long a call routed here may wait for its reply (`request_timeout_ms`).
+    pub fn request_timeout(&self) -> Duration {
+        self.settings.request_timeout
     }
 
     /// The endpoint's address.
@@ -248,9 +262,22 @@ impl Endpoint {
         // Two tries: the connection found may close between the lookup and the send.
         for _ in 0..2 {
             let conn = self.connection(slot);
-            match conn.tx.send(out) {
+            let bytes = out.message.as_wire().len();
+            if conn.queued_bytes.load(Ordering::Relaxed) >= self.settings.max_queued_bytes {
+                self.finish_one();
+                return Err(Refused::Full(out));
+            }
+            conn.queued_calls.fetch_add(1, Ordering::Relaxed);
+            conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+            match conn.tx.send(Outbound::Call(out)) {
                 Ok(()) => return Ok(()),
-                Err(mpsc::error::SendError(back)) => out = back,
+                Err(mpsc::error::SendError(back)) => {
+                    conn.dequeued(bytes);
+                    let Outbound::Call(back) = back else {
+                        unreachable!("a call was sent")
+                    };
+                    out = back;
+                }
             }
         }
         self.finish_one();
@@ -268,6 +295,8 @@ impl Endpoint {
         let conn = Arc::new(Conn {
             tx,
             closed: AtomicBool::new(false),
+            queued_calls: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
         });
         slots[slot] = Some(conn.clone());
         tokio::spawn(run_connection(self.clone(), conn.clone(), slot, rx));
@@ -308,9 +337,21 @@ impl Endpoint {
 /// The shared half of one upstream connection: where calls are queued.
 #[derive(Debug)]
 struct Conn {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    tx: mpsc::UnboundedSender<Outbound<Outgoing>>,
     /// Set once the connection task stops taking calls.
     closed: AtomicBool,
+    /// Calls queued and not yet written (the idle and drain checks).
+    queued_calls: AtomicUsize,
+    /// Their bytes (the `max_queued_bytes` bound).
+    queued_bytes: AtomicUsize,
+}
+
+impl Conn {
+    /// A queued call of `bytes` was taken off the queue.
+    fn dequeued(&self, bytes: usize) {
+        self.queued_calls.fetch_sub(1, Ordering::Relaxed);
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 /// A call written and waiting for its reply.
@@ -320,33 +361,13 @@ struct Pending {
     method_hash: u64,
 }
 
-/// Why a connection task ended.
+/// Why the proxy closes a healthy upstream connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    Failed(UpstreamFailure),
-    /// The proxy's drain grace ran out.
-    Aborted,
+enum Close {
+    /// No call for `idle_timeout`.
     Idle,
+    /// The endpoint left ZooKeeper and its last call was answered.
     Drained,
-    Dropped,
-}
-
-/// Connection-local state shared by the writer and the reader (one task, so the mutex is
-/// never contended; it only makes the two futures `Send`).
-struct Shared {
-    pending: Mutex<InFlight<Pending>>,
-    epoch: Instant,
-    last_rx_ms: AtomicU64,
-    last_call_ms: AtomicU64,
-}
-
-impl Shared {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-    fn pending(&self) -> std::sync::MutexGuard<'_, InFlight<Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// FNV-1a of a method name: the reply check compares hashes, so no name is stored per call.
@@ -356,11 +377,138 @@ fn name_hash(name: &str) -> u64 {
     })
 }
 
+// === impl UpstreamPolicy ===
+
+/// What the proxy does with the calls of one upstream connection ([`rpc_mux::Policy`]): a
+/// call past its deadline or on a broken connection fails at once; a call never written goes
+/// back to its caller to try another endpoint.
+struct UpstreamPolicy<'a> {
+    endpoint: &'a Arc<Endpoint>,
+    conn: &'a Conn,
+}
+
+impl UpstreamPolicy<'_> {
+    fn answer(&self, pending: Pending, reply: Reply) {
+        self.endpoint.finish_one();
+        let _ = pending.reply.send(reply);
+    }
+}
+
+impl rpc_mux::Policy for UpstreamPolicy<'_> {
+    type Call = Outgoing;
+    type Pending = Pending;
+    type Close = Close;
+
+    fn start(&self, out: Outgoing, now: Instant) -> Start<Pending> {
+        self.conn.dequeued(out.message.as_wire().len());
+        let pending = match out.reply {
+            Some(reply) => Some((
+                now + self.endpoint.settings.request_timeout,
+                Pending {
+                    reply,
+                    client_seqid: out.client_seqid,
+                    method_hash: name_hash(out.message.name()),
+                },
+            )),
+            // A ONEWAY call is done once handed to the writer.
+            None => {
+                self.endpoint.finish_one();
+                None
+            }
+        };
+        Start {
+            message: out.message,
+            pending,
+        }
+    }
+
+    fn reply(&self, pending: Pending, mut reply: Message) {
+        if name_hash(reply.name()) == pending.method_hash {
+            reply.set_seqid(pending.client_seqid);
+            self.answer(pending, Ok(reply));
+        } else {
+            tracing::warn!(
+                endpoint = self.endpoint.label(),
+                name = reply.name(),
+                "reply does not match its call"
+            );
+            self.answer(pending, Err(Failure::Failed(UpstreamFailure::BadReply)));
+        }
+    }
+
+    fn expired(&self, _: &mut Pending) -> Expiry {
+        Expiry::Drop
+    }
+
+    fn failed(&self, pending: Pending, failure: rpc_mux::Failure<Close>) {
+        let cause = match failure {
+            rpc_mux::Failure::Timeout => UpstreamFailure::Timeout,
+            rpc_mux::Failure::ReplyTooLarge { .. } => UpstreamFailure::ReplyTooLarge,
+            rpc_mux::Failure::ReplyMalformed => UpstreamFailure::BadReply,
+            rpc_mux::Failure::Ended(ending) => ended_failure(ending),
+        };
+        self.answer(pending, Err(Failure::Failed(cause)));
+    }
+
+    fn frame(&self, message: Message) -> Result<(), Close> {
+        // A heartbeat or its echo (any seqid), or the late reply of a call that timed out.
+        if !matches!(message.message_type(), MessageType::Heartbeat) && message.seqid() != 0 {
+            tracing::debug!(
+                endpoint = self.endpoint.label(),
+                seqid = message.seqid(),
+                "reply for no pending call"
+            );
+        }
+        Ok(())
+    }
+
+    fn tick(&self, tick: &Tick) -> Result<(), Close> {
+        if tick.held > 0 || self.conn.queued_calls.load(Ordering::Relaxed) > 0 {
+            return Ok(());
+        }
+        if self.endpoint.is_draining() {
+            return Err(Close::Drained);
+        }
+        if tick.since_last_call >= self.endpoint.settings.idle_timeout {
+            return Err(Close::Idle);
+        }
+        Ok(())
+    }
+
+    fn ended(&self, _: Ending<Close>) {
+        // No new call may join a connection that is failing the ones it holds.
+        self.conn.closed.store(true, Ordering::Relaxed);
+    }
+
+    fn unsent(&self, out: Outgoing, ending: Ending<Close>) {
+        self.conn.dequeued(out.message.as_wire().len());
+        self.endpoint.finish_one();
+        if let Some(reply) = out.reply {
+            let _ = reply.send(Err(if ending == Ending::Stopped {
+                Failure::Failed(UpstreamFailure::Stopping)
+            } else {
+                Failure::NotSent(out.message)
+            }));
+        }
+    }
+}
+
+/// What the calls held by a connection that ended fail with.
+fn ended_failure(ending: Ending<Close>) -> UpstreamFailure {
+    match ending {
+        Ending::HeartbeatTimeout => UpstreamFailure::HeartbeatTimeout,
+        Ending::WriteStalled => UpstreamFailure::WriteTimeout,
+        Ending::BadFrame => UpstreamFailure::BadReply,
+        Ending::Stopped => UpstreamFailure::Stopping,
+        Ending::Closed | Ending::QueueClosed | Ending::Policy(_) => UpstreamFailure::ConnectionLost,
+    }
+}
+
 async fn run_connection(
     endpoint: Arc<Endpoint>,
     conn: Arc<Conn>,
     slot: usize,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<Outbound<Outgoing>>,
 ) {
     let settings = endpoint.settings.clone();
     let connect = tokio::time::timeout(
@@ -372,284 +520,69 @@ async fn run_connection(
         _ = settings.abort.fired() => None,
         connected = connect => Some(connected),
     };
+    let policy = UpstreamPolicy {
+        endpoint: &endpoint,
+        conn: &conn,
+    };
+    let mux = rpc_mux::Settings {
+        heartbeat_interval: settings.heartbeat_interval,
+        heartbeat_timeout: settings.heartbeat_timeout,
+        write_timeout: settings.write_timeout,
+        max_frame_size: settings.max_frame_size,
+        ping_at_start: false,
+        ping_always: false,
+    };
+    let never_connected = !matches!(&connected, Some(Ok(Ok(_))));
+    // Abort first: a connection opened after it must not write the calls queued on it.
+    let stop = settings.abort.fired();
     let ending = match connected {
-        None => Ending::Aborted,
+        None => Ending::Stopped,
         Some(Ok(Ok(rpc_runtime::listener::Stream::Unix(mut s)))) => {
             endpoint.note_connected();
             let (r, w) = s.split();
-            serve(&endpoint, r, w, &mut rx).await
+            rpc_mux::connection::run(&policy, &mux, r, w, &mut rx, stop).await
         }
         Some(Ok(Ok(rpc_runtime::listener::Stream::Tcp(mut s)))) => {
             endpoint.note_connected();
             let (r, w) = s.split();
-            serve(&endpoint, r, w, &mut rx).await
+            rpc_mux::connection::run(&policy, &mux, r, w, &mut rx, stop).await
         }
         Some(Ok(Err(e))) => {
             tracing::warn!(endpoint = endpoint.label(), error = %e, "cannot connect to endpoint");
-            Ending::Failed(UpstreamFailure::ConnectFailed)
+            Ending::Closed
         }
         Some(Err(_)) => {
             tracing::warn!(endpoint = endpoint.label(), "connect to endpoint timed out");
-            Ending::Failed(UpstreamFailure::ConnectFailed)
+            Ending::Closed
         }
     };
     conn.closed.store(true, Ordering::Relaxed);
     endpoint.release_slot(slot, &conn);
-    // Calls still queued were never written: hand them back for another endpoint (none when
-    // the proxy is giving up). Closing first makes every later send fail, so none is left
-    // behind.
-    rx.close();
-    let aborted = ending == Ending::Aborted;
-    while let Ok(out) = rx.try_recv() {
-        endpoint.finish_one();
-        if let Some(reply) = out.reply {
-            let _ = reply.send(Err(if aborted {
-                Failure::Failed(UpstreamFailure::Stopping)
-            } else {
-                Failure::NotSent(out.message)
-            }));
-        }
-    }
+    // Calls still queued were never written: back to their callers for another endpoint
+    // (none when the proxy is giving up).
+    rpc_mux::connection::close_queue(&mut rx, |out| rpc_mux::Policy::unsent(&policy, out, ending));
     match ending {
-        Ending::Failed(failure) => {
-            endpoint.note_failure();
-            if failure != UpstreamFailure::ConnectFailed {
-                tracing::warn!(endpoint = endpoint.label(), cause = %failure, "upstream connection closed");
-            }
-        }
-        Ending::Aborted => tracing::debug!(
+        Ending::Stopped => tracing::debug!(
             endpoint = endpoint.label(),
             "upstream connection closed at the end of the drain"
         ),
-        Ending::Idle => tracing::debug!(
+        Ending::Policy(Close::Idle) => tracing::debug!(
             endpoint = endpoint.label(),
             "idle upstream connection closed"
         ),
-        Ending::Drained => tracing::info!(
+        Ending::Policy(Close::Drained) => tracing::info!(
             endpoint = endpoint.label(),
             "drained endpoint connection closed"
         ),
-        Ending::Dropped => {}
-    }
-}
-
-/// Runs one connected socket until it fails, goes idle, or drains. Fails every call still
-/// pending on it before returning.
-async fn serve<R, W>(
-    endpoint: &Arc<Endpoint>,
-    reader: R,
-    writer: W,
-    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
-) -> Ending
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let shared = Shared {
-        pending: Mutex::new(InFlight::new()),
-        epoch: Instant::now(),
-        last_rx_ms: AtomicU64::new(0),
-        last_call_ms: AtomicU64::new(0),
-    };
-    // Abort first: a connection opened after it must not write the calls queued on it.
-    let ending = tokio::select! {
-        biased;
-        _ = endpoint.settings.abort.fired() => Ending::Aborted,
-        ending = write_loop(endpoint, &shared, writer, rx) => ending,
-        ending = read_loop(endpoint, &shared, reader) => ending,
-    };
-    let failure = match ending {
-        Ending::Failed(f) => f,
-        Ending::Aborted => UpstreamFailure::Stopping,
-        _ => UpstreamFailure::ConnectionLost,
-    };
-    let calls = shared.pending().take_all();
-    for pending in calls {
-        endpoint.finish_one();
-        let _ = pending.reply.send(Err(Failure::Failed(failure)));
-    }
-    ending
-}
-
-/// Largest batch of small frames copied into one write.
-const COALESCE_LIMIT: usize = 64 * 1024;
-
-async fn write_loop<W>(
-    endpoint: &Arc<Endpoint>,
-    shared: &Shared,
-    mut writer: W,
-    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
-) -> Ending
-where
-    W: AsyncWrite + Unpin,
-{
-    let settings = &endpoint.settings;
-    let tick_every = settings.heartbeat_interval.min(Duration::from_millis(200));
-    let mut tick = tokio::time::interval(tick_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch: Vec<Outgoing> = Vec::with_capacity(64);
-    let mut buf = BytesMut::new();
-    let mut last_ping_ms = 0u64;
-    loop {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, 256) => {
-                if n == 0 {
-                    return Ending::Dropped;
-                }
-                let now = Instant::now();
-                shared.last_call_ms.store(shared.now_ms(), Ordering::Relaxed);
-                let mut large = Vec::new();
-                {
-                    let mut pending = shared.pending();
-                    for out in batch.drain(..) {
-                        let mut message = out.message;
-                        let seqid = match out.reply {
-                            Some(reply) => pending.insert(
-                                now + settings.request_timeout,
-                                Pending {
-                                    reply,
-                                    client_seqid: out.client_seqid,
-                                    method_hash: name_hash(message.name()),
-                                },
-                            ),
-                            // A ONEWAY call is done once written.
-                            None => {
-                                endpoint.finish_one();
-                                pending.next_seqid()
-                            }
-                        };
-                        message.set_seqid(seqid);
-                        if buf.len() + message.as_wire().len() <= COALESCE_LIMIT {
-                            buf.extend_from_slice(message.as_wire());
-                        } else {
-                            large.push(message);
-                        }
-                    }
-                }
-                if !buf.is_empty() && writer.write_all(&buf).await.is_err() {
-                    return Ending::Failed(UpstreamFailure::ConnectionLost);
-                }
-                buf.clear();
-                for message in large {
-                    if writer.write_all(message.as_wire()).await.is_err() {
-                        return Ending::Failed(UpstreamFailure::ConnectionLost);
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                let now_ms = shared.now_ms();
-                let expired = expire(endpoint, shared);
-                if expired > 0 {
-                    tracing::warn!(endpoint = endpoint.label(), expired, "calls timed out");
-                }
-                let quiet = now_ms.saturating_sub(shared.last_rx_ms.load(Ordering::Relaxed));
-                if quiet >= settings.heartbeat_timeout.as_millis() as u64 {
-                    return Ending::Failed(UpstreamFailure::HeartbeatTimeout);
-                }
-                let empty = shared.pending().is_empty();
-                if empty && rx.is_empty() {
-                    if endpoint.is_draining() {
-                        return Ending::Drained;
-                    }
-                    let idle = now_ms.saturating_sub(shared.last_call_ms.load(Ordering::Relaxed));
-                    if idle >= settings.idle_timeout.as_millis() as u64 {
-                        return Ending::Idle;
-                    }
-                }
-                let interval = settings.heartbeat_interval.as_millis() as u64;
-                if quiet >= interval && now_ms.saturating_sub(last_ping_ms) >= interval {
-                    last_ping_ms = now_ms;
-                    if writer.write_all(&rpc_frame::heartbeat(0)).await.is_err() {
-                        return Ending::Failed(UpstreamFailure::ConnectionLost);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Fails the calls past their deadline; returns how many.
-fn expire(endpoint: &Endpoint, shared: &Shared) -> usize {
-    let now = Instant::now();
-    let mut expired = Vec::new();
-    {
-        let mut pending = shared.pending();
-        while let Some(seqid) = pending.next_expired(now) {
-            if let Some(call) = pending.remove(seqid) {
-                expired.push(call);
-            }
-        }
-    }
-    let count = expired.len();
-    for call in expired {
-        endpoint.finish_one();
-        let _ = call
-            .reply
-            .send(Err(Failure::Failed(UpstreamFailure::Timeout)));
-    }
-    count
-}
-
-async fn read_loop<R>(endpoint: &Arc<Endpoint>, shared: &Shared, mut reader: R) -> Ending
-where
-    R: AsyncRead + Unpin,
-{
-    let max = endpoint.settings.max_frame_size;
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    loop {
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
-        match reader.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Ending::Failed(UpstreamFailure::ConnectionLost),
-            Ok(_) => {}
-        }
-        shared.last_rx_ms.store(shared.now_ms(), Ordering::Relaxed);
-        loop {
-            let frame = match rpc_frame::decode_frame(&mut buf, max) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(endpoint = endpoint.label(), error = %e, "bad frame from endpoint");
-                    return Ending::Failed(UpstreamFailure::BadReply);
-                }
-            };
-            let mut reply = match Message::parse(frame) {
-                Ok(reply) => reply,
-                Err((_, e)) => {
-                    tracing::warn!(endpoint = endpoint.label(), error = %e, "bad reply header from endpoint");
-                    return Ending::Failed(UpstreamFailure::BadReply);
-                }
-            };
-            let call = shared.pending().remove(reply.seqid());
-            let Some(call) = call else {
-                // A heartbeat echo (seqid 0), or the late reply of a call that timed out.
-                if !matches!(reply.message_type(), MessageType::Heartbeat) && reply.seqid() != 0 {
-                    tracing::debug!(
-                        endpoint = endpoint.label(),
-                        seqid = reply.seqid(),
-                        "reply for no pending call"
-                    );
-                }
-                continue;
-            };
-            endpoint.finish_one();
-            let answer = if name_hash(reply.name()) == call.method_hash
-                && matches!(
-                    reply.message_type(),
-                    MessageType::Reply | MessageType::Exception
-                ) {
-                reply.set_seqid(call.client_seqid);
-                Ok(reply)
-            } else {
-                tracing::warn!(
-                    endpoint = endpoint.label(),
-                    name = reply.name(),
-                    "reply does not match its call"
-                );
-                Err(Failure::Failed(UpstreamFailure::BadReply))
-            };
-            let _ = call.reply.send(answer);
+        Ending::QueueClosed => {}
+        _ if never_connected => endpoint.note_failure(),
+        failed => {
+            endpoint.note_failure();
+            tracing::warn!(
+                endpoint = endpoint.label(),
+                cause = %ended_failure(failed),
+                "upstream connection closed"
+            );
         }
     }
 }

@@ -272,6 +272,13 @@ async fn unframeable_lengths_get_code_7_or_eof_never_silence() {
         let mut client = proxy.client().await;
         let mut bytes = length.to_be_bytes().to_vec();
         bytes.extend_from_slice(&[0x80, 0x01, 0x00, 0x01]);
+        if length > 0 {
+            // An oversized frame is answered once its header is in (name and seqid), so
+            // the answer reaches its caller; the rest of it is skipped.
+            bytes.extend_from_slice(&9u32.to_be_bytes());
+            bytes.extend_from_slice(b"echo:echo");
+            bytes.extend_from_slice(&77i32.to_be_bytes());
+        }
         client.send_raw(&bytes).await;
         match client.recv().await {
             None => {}
@@ -285,6 +292,9 @@ async fn unframeable_lengths_get_code_7_or_eof_never_silence() {
                 let (got, text) =
                     rpc_frame::parse_application_exception(reply.body()).expect("exception body");
                 assert_eq!(got, code(ExceptionCode::ProtocolError), "{what}: {text}");
+                if length > 0 {
+                    assert_eq!((reply.seqid(), reply.name()), (77, "echo"), "{what}");
+                }
             }
         }
     }
@@ -709,12 +719,11 @@ impl FrameBound {
             }],
         });
         router.apply(rpc_registry::DiscoveryEvent::Synced);
-        let settings = std::sync::Arc::new(ConnectionSettings {
-            max_frame_size: config.common.max_frame_size,
-            max_inflight: config.max_inflight_per_connection,
-            startup_hold: config.startup_hold,
-            idle_timeout: None,
-        });
+        let settings = std::sync::Arc::new(ConnectionSettings::new(
+            config.common.max_frame_size,
+            config.max_inflight_per_connection,
+            config.startup_hold,
+        ));
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("c.sock");
         let listener = tokio::net::UnixListener::bind(&socket).expect("bind");

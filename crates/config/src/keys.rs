@@ -24,6 +24,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "request_timeout_ms",
     "drain_grace_ms",
     "max_connections",
+    "write_timeout_ms",
+    "max_connection_buffer_bytes",
+    "max_process_buffer_bytes",
     // Proxy only.
     "proxy_address",
     "max_inflight_per_connection",

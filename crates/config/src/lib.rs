@@ -36,6 +36,9 @@ const DEFAULT_LOG_KEEP_DAYS: usize = 3;
 const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
 const DEFAULT_SOCKET_MODE: u32 = 0o660;
 const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 15_000;
+const DEFAULT_WRITE_TIMEOUT_MS: u64 = 30_000;
+const DEFAULT_MAX_CONNECTION_BUFFER_BYTES: usize = 32 << 20;
+const DEFAULT_MAX_PROCESS_BUFFER_BYTES: usize = 1 << 30;
 const DEFAULT_PROXY_DRAIN_GRACE_MS: u64 = 10_000;
 const DEFAULT_LB_DRAIN_GRACE_MS: u64 = 25_000;
 const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
@@ -140,6 +143,15 @@ pub struct CommonConfig {
     /// each call on one core (no cross-thread wakeups): the cheapest per call for a sidecar
     /// and for an LB whose workers need the other cores.
     pub worker_threads: usize,
+    /// `write_timeout_ms` (`30000`, NEW, proxy and LB): a peer that accepts no byte of a
+    /// pending write this long is closed (its calls get code 6).
+    pub write_timeout: Duration,
+    /// `max_connection_buffer_bytes` (`33554432`, NEW, proxy and LB): request and reply bytes
+    /// buffered for one connection; at the bound the peer is not read (or a reply gets code 6).
+    pub max_connection_buffer_bytes: usize,
+    /// `max_process_buffer_bytes` (`1073741824`, NEW, proxy and LB): all buffered bytes of the
+    /// process, the same way.
+    pub max_process_buffer_bytes: usize,
 }
 
 /// The `rpc_proxy` configuration.
@@ -311,6 +323,13 @@ impl CommonConfig {
             zk_auth: zk_auth(values)?,
             socket_mode: values.octal_mode("socket_mode", DEFAULT_SOCKET_MODE)?,
             worker_threads: worker_threads(values)?,
+            write_timeout: values.millis("write_timeout_ms", DEFAULT_WRITE_TIMEOUT_MS, false)?,
+            max_connection_buffer_bytes: values.buffer_bytes(
+                "max_connection_buffer_bytes",
+                DEFAULT_MAX_CONNECTION_BUFFER_BYTES,
+            )?,
+            max_process_buffer_bytes: values
+                .buffer_bytes("max_process_buffer_bytes", DEFAULT_MAX_PROCESS_BUFFER_BYTES)?,
         })
     }
 }
@@ -524,6 +543,9 @@ mod tests {
                 zk_auth: None,
                 socket_mode: 0o660,
                 worker_threads: 1,
+                write_timeout: ms(30_000),
+                max_connection_buffer_bytes: 33_554_432,
+                max_process_buffer_bytes: 1_073_741_824,
             },
             proxy_address: Address::Unix("/tmp/proxy.sock".into()),
             request_timeout: ms(15_000),
@@ -703,6 +725,10 @@ front_idle_timeout_ms = 45000
             ("max_frame_size", "0"),
             ("max_frame_size", "-1"),
             ("max_frame_size", "1073741825"),
+            ("write_timeout_ms", "0"),
+            ("max_connection_buffer_bytes", "0"),
+            ("max_process_buffer_bytes", "-1"),
+            ("max_process_buffer_bytes", "2000000000000"),
             ("heartbeat_interval_ms", "0"),
             ("heartbeat_interval_ms", "fast"),
             ("heartbeat_timeout_ms", "0"),

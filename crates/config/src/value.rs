@@ -20,6 +20,9 @@ pub(crate) const MAX_COUNT: usize = (1 << 29) - 1;
 /// Largest `max_frame_size` accepted: 1 GiB.
 pub(crate) const MAX_FRAME_SIZE_LIMIT: usize = 1 << 30;
 
+/// Largest byte budget accepted (1 TiB): more is a typo, not a budget.
+pub(crate) const MAX_BUFFER_BYTES: u64 = 1 << 40;
+
 /// Longest unix socket path in bytes: Linux's `sun_path` is 108 bytes including the NUL.
 pub(crate) const MAX_UNIX_PATH: usize = 107;
 
@@ -87,15 +90,36 @@ impl Values {
         key: &'static str,
         default: usize,
     ) -> Result<usize, ConfigError> {
+        self.byte_count(key, default, MAX_FRAME_SIZE_LIMIT as u64)
+    }
+
+    /// A byte budget (`max_connection_buffer_bytes`, ...): `1..=`[`MAX_BUFFER_BYTES`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for zero, a negative or non-numeric value, or more than 1 TiB.
+    pub(crate) fn buffer_bytes(
+        &self,
+        key: &'static str,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        self.byte_count(key, default, MAX_BUFFER_BYTES)
+    }
+
+    /// A number of bytes in `1..=max`.
+    fn byte_count(
+        &self,
+        key: &'static str,
+        default: usize,
+        max: u64,
+    ) -> Result<usize, ConfigError> {
         let Some(text) = self.get(key) else {
             return Ok(default);
         };
-        // The limit is 2^30, which fits usize on every supported target.
-        let n = unsigned(key, text, MAX_FRAME_SIZE_LIMIT as u64)? as usize;
+        let n = unsigned(key, text, max)?;
         if n == 0 {
-            return Err(invalid(key, text, "must be at least 1"));
+            return Err(invalid(key, text, "must be at least 1 (bytes)"));
         }
-        Ok(n)
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     /// A `*_ms` duration in milliseconds. `allow_zero` says whether `0` is meaningful.

@@ -3,20 +3,21 @@
 //! worker connections both rewrite seqids this way: callers on many connections share one
 //! connection, so their own seqids could collide; the reply's seqid finds the call again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 /// The calls in flight on one connection, with their deadlines.
 ///
 /// Seqids run `1..=i32::MAX` and wrap; `0` is left to heartbeats and control frames. A seqid
 /// still in use is skipped, so a call that never got its reply is never confused with a
-/// later one.
+/// later one. A call answered leaves nothing behind: memory is proportional to the calls
+/// held, not to the calls made within a request timeout.
 #[derive(Debug)]
 pub struct InFlight<P> {
-    calls: HashMap<i32, P>,
-    /// Seqids in write order, with their deadlines. With one request timeout per connection
-    /// this is deadline order, so expiry only looks at the front.
-    order: VecDeque<(Instant, i32)>,
+    /// Each call with its deadline (still in `order`) or `None` (already expired once).
+    calls: HashMap<i32, (Option<Instant>, P)>,
+    /// Deadlines of calls not yet expired, earliest first.
+    order: BTreeSet<(Instant, i32)>,
     last_seqid: i32,
 }
 
@@ -24,7 +25,7 @@ impl<P> Default for InFlight<P> {
     fn default() -> Self {
         InFlight {
             calls: HashMap::new(),
-            order: VecDeque::new(),
+            order: BTreeSet::new(),
             last_seqid: 0,
         }
     }
@@ -53,32 +54,37 @@ impl<P> InFlight<P> {
     /// Holds `call` until its reply or `deadline`; returns the seqid to write it with.
     pub fn insert(&mut self, deadline: Instant, call: P) -> i32 {
         let seqid = self.next_seqid();
-        self.calls.insert(seqid, call);
-        self.order.push_back((deadline, seqid));
+        self.calls.insert(seqid, (Some(deadline), call));
+        self.order.insert((deadline, seqid));
         seqid
     }
 
     /// The call written with `seqid`, taken out (its reply arrived).
     pub fn remove(&mut self, seqid: i32) -> Option<P> {
-        self.calls.remove(&seqid)
+        let (deadline, call) = self.calls.remove(&seqid)?;
+        if let Some(deadline) = deadline {
+            self.order.remove(&(deadline, seqid));
+        }
+        Some(call)
     }
 
     /// The call written with `seqid`, left in place.
     pub fn get_mut(&mut self, seqid: i32) -> Option<&mut P> {
-        self.calls.get_mut(&seqid)
+        self.calls.get_mut(&seqid).map(|(_, call)| call)
     }
 
-    /// The next seqid whose deadline is at or before `now`, oldest first, each once. The call
-    /// may be gone already (answered in time): look it up with [`InFlight::remove`] or
-    /// [`InFlight::get_mut`].
+    /// The next call whose deadline is at or before `now`, earliest first, each once; it
+    /// stays held (look it up with [`InFlight::remove`] or [`InFlight::get_mut`]).
     pub fn next_expired(&mut self, now: Instant) -> Option<i32> {
-        match self.order.front() {
-            Some(&(deadline, seqid)) if deadline <= now => {
-                self.order.pop_front();
-                Some(seqid)
-            }
-            _ => None,
+        let &(deadline, seqid) = self.order.first()?;
+        if deadline > now {
+            return None;
         }
+        self.order.pop_first();
+        if let Some((deadline, _)) = self.calls.get_mut(&seqid) {
+            *deadline = None;
+        }
+        Some(seqid)
     }
 
     /// Whether no call is held.
@@ -94,7 +100,7 @@ impl<P> InFlight<P> {
     /// Takes every call out (the connection is gone).
     pub fn take_all(&mut self) -> Vec<P> {
         self.order.clear();
-        self.calls.drain().map(|(_, call)| call).collect()
+        self.calls.drain().map(|(_, (_, call))| call).collect()
     }
 }
 
@@ -128,5 +134,23 @@ mod tests {
         assert_eq!(map.get_mut(late), Some(&mut 2));
         assert_eq!(map.take_all().len(), 2);
         assert_eq!(map.next_expired(now + Duration::from_secs(61)), None);
+    }
+
+    #[test]
+    fn an_answered_call_leaves_no_entry() {
+        let now = Instant::now();
+        let mut map = InFlight::new();
+        for _ in 0..1000 {
+            let seqid = map.insert(now + Duration::from_secs(60), ());
+            assert_eq!(map.remove(seqid), Some(()));
+        }
+        assert!(map.is_empty());
+        assert!(map.order.is_empty(), "no deadline kept for answered calls");
+        // An expired call that is kept (the LB holds its worker slot) is expired only once.
+        let kept = map.insert(now, ());
+        assert_eq!(map.next_expired(now), Some(kept));
+        assert_eq!(map.next_expired(now), None);
+        assert_eq!(map.remove(kept), Some(()));
+        assert!(map.order.is_empty());
     }
 }
