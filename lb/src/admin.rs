@@ -176,8 +176,7 @@ pub fn routes(state: Arc<LbState>) -> Routes {
             Response::text(code, now.label())
         })
         .get("/metrics", move |_| {
-            let text = metrics.metrics.render(&metrics.snapshot());
-            Response::new(200, prometheus::TEXT_FORMAT, text)
+            Response::prometheus(metrics.metrics.render(&metrics.snapshot()))
         })
         .get("/status", move |_| Response::json(200, &status.status()))
         .route_async("POST", "/drain", move |_| drain.clone().switch(true))

@@ -19,6 +19,10 @@ use tokio::sync::mpsc;
 
 use crate::metrics::{Meter, Outcome};
 
+// What the scheduler reports lives in a module of its own, so that `metrics` needs nothing
+// of this one.
+pub use crate::load::{Reject, WorkerId, WorkerLoad};
+
 /// A front connection's reply queue. Every frame queued holds its bytes against the
 /// connection's byte budget until written, so the connection stops reading a peer that does
 /// not read its replies ([`rpc_mux::ConnBudget`]); a reply that would go past the budget is
@@ -120,20 +124,6 @@ impl Call {
 /// (STOP_CONFIRM).
 pub type ToWorker = rpc_mux::Outbound<Call>;
 
-/// Identifies a worker connection.
-pub type WorkerId = u64;
-
-/// Why a call was not taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reject {
-    /// No worker is connected (or every one is stopping).
-    NoWorker,
-    /// Every worker is full and the queue is at its bound.
-    QueueFull,
-    /// The LB has told its workers to stop.
-    Stopping,
-}
-
 #[derive(Debug)]
 struct Worker {
     id: WorkerId,
@@ -152,19 +142,6 @@ struct State {
     stopping: bool,
     /// Where the next tie-break starts.
     cursor: usize,
-}
-
-/// A snapshot of one worker, for status output and tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerLoad {
-    /// The worker's id.
-    pub id: WorkerId,
-    /// Calls in flight on it.
-    pub inflight: usize,
-    /// Its capacity.
-    pub capacity: usize,
-    /// Whether it takes new calls.
-    pub active: bool,
 }
 
 // === impl Dispatcher ===

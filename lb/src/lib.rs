@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`front`]: proxy connections; calls in, replies out in completion order.
 //! - [`dispatch`]: least-loaded dispatch within worker capacity, bounded wait queue.
+//! - [`load`]: what the dispatcher reports (a worker's load, why a call was refused).
 //! - [`workers`]: worker connections (seqid rewrite, heartbeats, STOP, HELLO).
 //! - [`registration`]: the ZooKeeper node follows the workers (and maintenance).
 //! - [`address`]: which address to listen on and register.
@@ -32,6 +33,7 @@ pub mod address;
 pub mod admin;
 pub mod dispatch;
 pub mod front;
+pub mod load;
 pub mod metrics;
 pub mod registration;
 pub mod status;

@@ -2,14 +2,14 @@
 //! outcome with their durations, rejected calls, worker joins and departures, ZooKeeper
 //! registration; and, read when scraped, workers connected and busy, worker slots, queue
 //! depth and proxy connections. Call metrics are bumped through handles cached per method
-//! (see [`rpc_admin::metrics`]).
+//! (see [`rpc_metrics`]).
 
 use std::sync::Mutex;
 
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Registry};
-use rpc_admin::metrics::{self as m, CallMetrics};
+use rpc_metrics::{self as m, CallMetrics};
 
-use crate::dispatch::{Reject, WorkerLoad};
+use crate::load::{Reject, WorkerLoad};
 
 /// Metric name prefix.
 pub const PREFIX: &str = "rpc_lb";
@@ -18,11 +18,11 @@ pub const PREFIX: &str = "rpc_lb";
 pub const UNKNOWN: &str = "unknown";
 
 /// The LB's call handles (its one service).
-pub type ServiceCalls = rpc_admin::ServiceCalls<Outcome>;
+pub type ServiceCalls = rpc_metrics::ServiceCalls<Outcome>;
 /// One call being timed, from the front to its answer.
-pub type Meter = rpc_admin::CallGuard<Outcome>;
+pub type Meter = rpc_metrics::CallGuard<Outcome>;
 
-rpc_admin::outcomes! {
+rpc_metrics::outcomes! {
     /// How a call through the LB ended: the `outcome` label.
     pub enum Outcome {
         /// The worker replied (declared exceptions included).
@@ -298,7 +298,7 @@ mod tests {
 
     #[test]
     fn outcome_indexes_match_their_place() {
-        use rpc_admin::Outcome as _;
+        use rpc_metrics::Outcome as _;
         for (i, outcome) in Outcome::ALL.iter().enumerate() {
             assert_eq!(outcome.index(), i);
         }

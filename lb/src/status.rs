@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rpc_admin::metrics::Totals;
+use rpc_metrics::Totals;
 
 use crate::admin::LbState;
 

@@ -8,6 +8,7 @@ use rpc_admin::{Response, Routes};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{ServiceEndpoints, Snapshot};
 use crate::route::Router;
 
 /// Whether the proxy takes calls, as `/healthz` tells it.
@@ -58,12 +59,28 @@ pub fn routes(router: Arc<Router>, shutdown: CancellationToken) -> Routes {
             Health::of(&health_router, &health_stop).response()
         })
         .get("/metrics", move |_| {
-            let text = metrics_router.metrics().render(&metrics_router);
-            Response::new(200, prometheus::TEXT_FORMAT, text)
+            let now = snapshot(&metrics_router);
+            Response::prometheus(metrics_router.metrics().render(&now))
         })
         .get("/status", move |_| {
             Response::json(200, &status(&router, &shutdown))
         })
+}
+
+/// What the routing-table gauges show: each service with its endpoints' states, and
+/// whether the table is synced.
+pub fn snapshot(router: &Router) -> Snapshot {
+    Snapshot {
+        services: router
+            .snapshot()
+            .iter()
+            .map(|service| ServiceEndpoints {
+                name: service.name.clone(),
+                states: service.endpoints.iter().map(|e| e.state()).collect(),
+            })
+            .collect(),
+        synced: router.is_synced(),
+    }
 }
 
 /// The `/status` document: health, ZooKeeper, and the routing table with each endpoint's

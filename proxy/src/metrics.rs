@@ -1,17 +1,17 @@
 //! What the proxy measures, for `GET /metrics` and the status log line: calls by service,
 //! method and outcome with their durations, client connections, the endpoints of each
 //! service by state, and the ZooKeeper session. Call metrics are bumped on the call path
-//! through handles cached per service (see [`rpc_admin::metrics`]); everything read from
-//! the routing table is computed when scraped.
+//! through handles cached per service (see [`rpc_metrics`]); the gauges of the routing table
+//! are set when scraped, from a [`Snapshot`] the caller reads from it (so this module needs
+//! nothing of the table itself).
 
 use std::sync::Mutex;
 
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Registry};
-use rpc_admin::metrics::{self as m, CallMetrics};
+use rpc_metrics::{self as m, CallMetrics};
 use rpc_registry::SessionState;
 
 use crate::error::{CallError, UpstreamFailure};
-use crate::route::Router;
 
 /// Metric name prefix.
 pub const PREFIX: &str = "rpc_proxy";
@@ -24,11 +24,11 @@ pub const UNKNOWN: &str = "unknown";
 pub const ENDPOINT_STATES: [&str; 3] = ["connected", "idle", "backoff"];
 
 /// Per-service call handles of the proxy.
-pub type ServiceCalls = rpc_admin::ServiceCalls<Outcome>;
+pub type ServiceCalls = rpc_metrics::ServiceCalls<Outcome>;
 /// One call being timed.
-pub type CallGuard = rpc_admin::CallGuard<Outcome>;
+pub type CallGuard = rpc_metrics::CallGuard<Outcome>;
 
-rpc_admin::outcomes! {
+rpc_metrics::outcomes! {
     /// How a call through the proxy ended: the `outcome` label.
     pub enum Outcome {
         /// A reply (declared exceptions included: they are normal replies).
@@ -115,6 +115,24 @@ impl ZkState {
             ZkState::Expired => "expired",
         }
     }
+}
+
+/// The routing table as its gauges show it, read when scraped.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every service in the table.
+    pub services: Vec<ServiceEndpoints>,
+    /// Whether the first full read of ZooKeeper is done.
+    pub synced: bool,
+}
+
+/// One service of a [`Snapshot`].
+#[derive(Debug, Clone, Default)]
+pub struct ServiceEndpoints {
+    /// The service name.
+    pub name: String,
+    /// The state of each endpoint, one of [`ENDPOINT_STATES`].
+    pub states: Vec<&'static str>,
 }
 
 #[derive(Debug)]
@@ -258,17 +276,15 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text of every metric, with the table-derived gauges read from
-    /// `router` now.
-    pub fn render(&self, router: &Router) -> Vec<u8> {
+    /// The Prometheus text of every metric, with the table-derived gauges set from `now`.
+    pub fn render(&self, now: &Snapshot) -> Vec<u8> {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        let table = router.snapshot();
         // Services gone from the table lose their series.
         self.endpoints.reset();
-        for service in &table {
+        for service in &now.services {
             let mut counts = [0i64; ENDPOINT_STATES.len()];
-            for endpoint in &service.endpoints {
-                if let Some(i) = ENDPOINT_STATES.iter().position(|s| *s == endpoint.state()) {
+            for state in &service.states {
+                if let Some(i) = ENDPOINT_STATES.iter().position(|s| s == state) {
                     counts[i] += 1;
                 }
             }
@@ -278,8 +294,8 @@ impl Metrics {
                     .set(count);
             }
         }
-        self.services.set(table.len() as i64);
-        self.synced.set(i64::from(router.is_synced()));
+        self.services.set(now.services.len() as i64);
+        self.synced.set(i64::from(now.synced));
         m::render(&self.registry)
     }
 }
@@ -327,7 +343,7 @@ mod tests {
 
     #[test]
     fn every_call_error_has_an_outcome_named_like_its_kind() {
-        use rpc_admin::Outcome as _;
+        use rpc_metrics::Outcome as _;
         let error = CallError::Upstream {
             service: "s".into(),
             method: "m".into(),
@@ -339,6 +355,29 @@ mod tests {
         assert_eq!(Outcome::of(&error).label(), error.kind());
         for (i, outcome) in Outcome::ALL.iter().enumerate() {
             assert_eq!(outcome.index(), i);
+        }
+    }
+
+    #[test]
+    fn render_sets_the_routing_gauges() {
+        let metrics = Metrics::new();
+        let echo = ServiceEndpoints {
+            name: "echo".into(),
+            states: vec!["connected", "idle", "idle"],
+        };
+        let now = Snapshot {
+            services: vec![echo],
+            synced: true,
+        };
+        let text = String::from_utf8(metrics.render(&now)).unwrap();
+        for line in [
+            r#"rpc_proxy_upstream_endpoints{service="echo",state="connected"} 1"#,
+            r#"rpc_proxy_upstream_endpoints{service="echo",state="idle"} 2"#,
+            r#"rpc_proxy_upstream_endpoints{service="echo",state="backoff"} 0"#,
+            "rpc_proxy_services 1",
+            "rpc_proxy_routing_table_synced 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
         }
     }
 

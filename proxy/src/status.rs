@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rpc_admin::metrics::Totals;
+use rpc_metrics::Totals;
 
 use crate::route::Router;
 

@@ -125,10 +125,10 @@ pub struct Outgoing {
 /// Why [`Endpoint::send`] refused a call at once (the call is handed back).
 #[derive(Debug)]
 pub enum Refused {
-    /// In reconnect backoff: try another endpoint.
+    /// In reconnect backoff, or `max_queued_bytes` wait to be written on its connection
+    /// (the endpoint does not read): try another endpoint.
     Backoff(Outgoing),
-    /// `max_pending` calls already on this endpoint, or `max_queued_bytes` waiting to be
-    /// written on its connection (the endpoint does not read).
+    /// `max_pending` calls already on this endpoint.
     Full(Outgoing),
     /// The proxy's drain grace is over ([`UpstreamSettings::abort`]).
     Stopping(Outgoing),
@@ -264,8 +264,10 @@ impl Endpoint {
             let conn = self.connection(slot);
             let bytes = out.message.as_wire().len();
             if conn.queued_bytes.load(Ordering::Relaxed) >= self.settings.max_queued_bytes {
+                // The endpoint does not read what it was sent: like backoff, the call may
+                // go to another endpoint.
                 self.finish_one();
-                return Err(Refused::Full(out));
+                return Err(Refused::Backoff(out));
             }
             conn.queued_calls.fetch_add(1, Ordering::Relaxed);
             conn.queued_bytes.fetch_add(bytes, Ordering::Relaxed);

@@ -115,6 +115,11 @@ impl Response {
         Response::new(status, "application/json", body)
     }
 
+    /// The `GET /metrics` answer: `text` in the Prometheus text format (version 0.0.4).
+    pub fn prometheus(text: Vec<u8>) -> Self {
+        Response::new(200, prometheus::TEXT_FORMAT, text)
+    }
+
     /// Adds a header.
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.to_owned(), value.to_owned()));
@@ -681,6 +686,13 @@ mod tests {
         client.read_to_end(&mut out).await.unwrap();
         serving.await.unwrap();
         assert_eq!(status_of(&String::from_utf8(out).unwrap()), 408);
+    }
+
+    #[test]
+    fn metrics_are_answered_in_the_prometheus_text_format() {
+        let response = Response::prometheus(b"up 1\n".to_vec());
+        assert_eq!(response.status, 200);
+        assert_eq!(response.content_type, "text/plain; version=0.0.4");
     }
 
     #[test]

@@ -1,6 +1,19 @@
-//! Prometheus plumbing for both binaries: a [`Registry`] holding the `process_*` metrics,
-//! rendering in the classic text format (what `promtool check metrics` 2.42 accepts, unlike
-//! OpenMetrics), and [`CallMetrics`], the per-call counters and histograms.
+//! The Prometheus metrics of `rpc_proxy` and `rpc_lb`: a [`Registry`] holding the
+//! `process_*` metrics, rendering in the classic text format (what `promtool check metrics`
+//! 2.42 accepts, unlike OpenMetrics), and [`CallMetrics`], the per-call counters and
+//! histograms. It sits on the call path (a call bumps a few atomics, see below); the admin
+//! endpoint only reads it, when scraped. Depends on `prometheus` and `tracing` only: no
+//! HTTP, no tokio.
+//!
+//! # Layout
+//! - Registries: [`registry()`] (with the `process_*` metrics), [`register`], [`gauge`],
+//!   [`gauge_vec`], [`counter`], [`counter_vec`], [`register_build_info`]; [`render`], the
+//!   text a `GET /metrics` answers.
+//! - Outcomes: [`Outcome`], the closed set of ways a call ends, declared with
+//!   [`outcomes!`].
+//! - Calls: [`CallMetrics`] (one per binary) hands out a [`ServiceCalls`] per service,
+//!   which counts each method in a [`MethodCalls`]; a [`CallGuard`] times one call;
+//!   [`Totals`] sums a service for status output.
 //!
 //! # Cost on the call path
 //! The counters of a `(service, method)` pair are made once, on its first answered call (see
@@ -38,8 +51,6 @@ use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-
-use crate::http::Response;
 
 /// Services with a label value of their own; later ones count under [`OTHER`].
 pub const MAX_SERVICES: usize = 1024;
@@ -152,11 +163,6 @@ pub fn render(registry: &Registry) -> Vec<u8> {
     out
 }
 
-/// The `GET /metrics` answer for `registry`.
-pub fn response(registry: &Registry) -> Response {
-    Response::new(200, prometheus::TEXT_FORMAT, render(registry))
-}
-
 /// How a call ended, as a closed set of label values.
 pub trait Outcome: Copy + Send + Sync + 'static {
     /// Every outcome, each at its [`Outcome::index`].
@@ -170,7 +176,7 @@ pub trait Outcome: Copy + Send + Sync + 'static {
     /// Whether it counts as an error in status lines.
     fn is_error(self) -> bool;
     /// Whether the backend answered the call (a reply; declared exceptions are replies):
-    /// this proves the method name real, so it may get its own label (see the module doc).
+    /// this proves the method name real, so it may get its own label (see the crate doc).
     /// A `TApplicationException` is no proof: a backend answers made-up names with one.
     fn is_answer(self) -> bool;
 }
@@ -181,7 +187,7 @@ pub trait Outcome: Copy + Send + Sync + 'static {
 /// only to replies), `dropped` the [`Outcome::DROPPED`] one.
 ///
 /// ```
-/// rpc_admin::outcomes! {
+/// rpc_metrics::outcomes! {
 ///     /// How a call ended.
 ///     pub enum Done {
 ///         /// Answered.
@@ -192,7 +198,7 @@ pub trait Outcome: Copy + Send + Sync + 'static {
 ///     ok = Ok;
 ///     dropped = Cancelled;
 /// }
-/// use rpc_admin::Outcome;
+/// use rpc_metrics::Outcome;
 /// assert_eq!(Done::Cancelled.label(), "cancelled");
 /// assert!(!Done::Ok.is_error());
 /// assert!(Done::Ok.is_answer() && !Done::Cancelled.is_answer());
@@ -478,7 +484,7 @@ fn family(desc: &Desc, kind: MetricType, metrics: Vec<proto::Metric>) -> MetricF
 // === impl ServiceCalls ===
 
 /// The call metrics of one service: a method table filled with each method the backend
-/// answered (see the module doc), read without a lock.
+/// answered (see the crate doc), read without a lock.
 #[derive(Debug)]
 pub struct ServiceCalls<O: Outcome> {
     name: String,
@@ -593,7 +599,7 @@ impl<O: Outcome> ServiceCalls<O> {
     }
 
     /// Starts timing a call of `method` that arrived at `started`. Under [`OTHER`] while
-    /// `method` has no label; an answer gives it one (see the module doc). Only such calls
+    /// `method` has no label; an answer gives it one (see the crate doc). Only such calls
     /// allocate (a copy of the name).
     pub fn start_at(&'static self, method: &str, started: Instant) -> CallGuard<O> {
         let (calls, unlabelled) = match Self::probe(self.table(), method) {
@@ -1083,8 +1089,6 @@ mod tests {
         ] {
             assert!(out.contains(name), "missing {name} in\n{out}");
         }
-        let response = response(&registry);
-        assert_eq!(response.content_type, "text/plain; version=0.0.4");
     }
 
     /// The rendered text passes `promtool check metrics` (when promtool is installed).
