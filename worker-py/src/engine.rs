@@ -267,6 +267,41 @@ mod tests {
     }
 
     #[test]
+    fn a_call_over_max_frame_size_fails_alone() {
+        let lb = FakeLb::new();
+        let mut config = config(&lb, 1);
+        config.max_frame_size = 1024;
+        let (stop, done) = start(config);
+        let mut conn = lb.accept();
+        assert_eq!(conn.read().unwrap().message_type(), MessageType::Hello);
+        let mut three = encode_message(MessageType::Call, "echo", 1, b"e\x00");
+        three.extend_from_slice(&encode_message(MessageType::Call, "big", 2, &[b'e'; 4096]));
+        three.extend_from_slice(&encode_message(MessageType::Call, "echo", 3, b"e\x00"));
+        conn.send(&three);
+        let mut answers: Vec<_> = (0..3).map(|_| conn.read().unwrap()).collect();
+        answers.sort_by_key(|m| m.seqid());
+        let kinds: Vec<_> = answers
+            .iter()
+            .map(|m| (m.seqid(), m.message_type()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, MessageType::Reply),
+                (2, MessageType::Exception),
+                (3, MessageType::Reply)
+            ]
+        );
+        let (code, text) = parse_application_exception(answers[1].body()).unwrap();
+        assert_eq!(code, 7, "{text}");
+        assert_eq!(answers[1].name(), "big");
+        stop.stop();
+        assert_eq!(conn.read().unwrap().message_type(), MessageType::Stop);
+        assert!(conn.read().is_none());
+        done.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
     fn reconnects_after_eof_bad_frames_and_lb_shutdown() {
         let lb = FakeLb::new();
         let (stop, done) = start(config(&lb, 1));

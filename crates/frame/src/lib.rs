@@ -10,6 +10,9 @@
 //!   (type, name, seqid) was parsed once; the seqid and the `service:` prefix are rewritten in
 //!   place, the body is never decoded or copied. [`MessageType`], [`HeaderError`], and
 //!   [`encode_message`] for the frames the mesh builds itself.
+//! - `decoder`: [`FrameDecoder`], [`decode_frame`] with a memory: a frame over the maximum
+//!   is skipped without being buffered (its head kept, [`Oversized`]), so the one call it
+//!   belongs to fails and the stream stays in step.
 //! - `salvage`: [`salvage_name_and_seqid`], the name and seqid of a frame whose header was
 //!   refused, so its code-7 reply reaches the right caller.
 //! - `application_exception`: [`application_exception()`] and [`parse_application_exception`],
@@ -27,6 +30,7 @@
 mod application_exception;
 mod binary;
 mod control;
+mod decoder;
 mod framing;
 mod fuzz;
 mod hello;
@@ -40,6 +44,7 @@ pub use application_exception::{
     ExceptionCode, application_exception, parse_application_exception,
 };
 pub use control::{heartbeat, ping_reply, stop, stop_confirm};
+pub use decoder::{Decoded, FrameDecoder, Head, Oversized};
 pub use framing::{DEFAULT_MAX_FRAME_SIZE, FrameError, LENGTH_PREFIX, decode_frame};
 #[doc(hidden)]
 pub use fuzz::exercise;

@@ -10,7 +10,7 @@
 //! - the **writer** takes queued [`Outbound`] items, gives each call its seqid, and writes
 //!   them in batches; every write has a deadline on progress (`write_timeout`,
 //!   [`crate::write`]), so a peer that stops reading ends the connection instead of holding it;
-//! - the **reader** cuts frames ([`crate::decoder`]): a reply goes to the call holding its
+//! - the **reader** cuts frames ([`rpc_frame::FrameDecoder`]): a reply goes to the call holding its
 //!   seqid; an oversized or malformed reply fails that one call and the stream goes on; a
 //!   type-20 frame never completes a call, whatever its seqid; every other frame goes to the
 //!   policy;
@@ -33,8 +33,8 @@ use rpc_frame::{InFlight, Message, MessageType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{Notify, mpsc};
 
-use crate::decoder::{Decoded, FrameDecoder};
 use crate::write::{WriteError, write_all};
+use rpc_frame::{Decoded, FrameDecoder};
 
 /// What a connection's queue carries.
 #[derive(Debug)]

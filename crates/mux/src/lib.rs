@@ -7,18 +7,15 @@
 //! # Layout
 //! - [`connection`]: [`connection::run`] drives one multiplexed connection (writer, reader
 //!   and clock side by side) under a [`connection::Policy`].
-//! - [`decoder`]: [`decoder::FrameDecoder`] cuts frames and skips oversized ones without
-//!   buffering them, so the stream stays in step.
 //! - [`write`]: [`write::write_all`] with a deadline on progress (`write_timeout_ms`).
 //! - [`budget`]: byte budgets per connection and per process
 //!   (`max_connection_buffer_bytes`, `max_process_buffer_bytes`).
 
 pub mod budget;
 pub mod connection;
-pub mod decoder;
 pub mod write;
 
 pub use budget::{Charge, ConnBudget, ProcessBudget};
 pub use connection::{Ending, Expiry, Failure, Outbound, Policy, Settings, Start, Tick};
-pub use decoder::{Decoded, FrameDecoder, Head, Oversized};
+pub use rpc_frame::{Decoded, FrameDecoder, Head, Oversized};
 pub use write::{WriteError, write_all};

@@ -40,8 +40,9 @@ class Worker:
     :param pool_size: calls run at once (OS threads), 1 to 1024; announced in HELLO.
     :param service: the service served (logs, HELLO); ``None`` sends an empty name.
     :param heartbeat_timeout_ms: silence tolerated from an LB that pings.
-    :param max_frame_size: largest frame accepted from the LB; a larger (or a non-positive)
-        length drops the connection. A reply over it is replaced by a type-6 exception.
+    :param max_frame_size: largest frame accepted from the LB; a larger call is answered
+        with a code-7 exception and skipped (the calls around it run), a non-positive length
+        drops the connection. A reply over it is replaced by a type-6 exception.
     :param stop_timeout_ms: longest wait for held calls during a stop (or an LB shutdown);
         calls still running then lose their replies.
     :raises ValueError: an empty address or an argument out of range.

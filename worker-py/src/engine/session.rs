@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use rpc_frame::{Message, decode_frame};
+use rpc_frame::{Decoded, ExceptionCode, FrameDecoder, Message, MessageType, Oversized};
 
 use super::conn::{Conn, close_gracefully};
 use super::queue::{Job, Queue};
@@ -40,6 +40,8 @@ struct Reading {
     stream: Stream,
     /// Bytes read and not yet cut into frames.
     buf: BytesMut,
+    /// Cuts them, and skips a call over `max_frame_size` (answered, not buffered).
+    decoder: FrameDecoder,
     /// Scratch space for one read.
     chunk: Vec<u8>,
     /// The connection's decisions.
@@ -81,6 +83,7 @@ impl Session {
             reading: Mutex::new(Reading {
                 stream,
                 buf: BytesMut::with_capacity(READ_CHUNK),
+                decoder: FrameDecoder::new(config.max_frame_size),
                 chunk: vec![0u8; READ_CHUNK],
                 state: ConnState::new(Instant::now(), config.timings),
                 ignored: 0,
@@ -209,9 +212,18 @@ impl Session {
         claimed: &mut Option<Job>,
     ) -> Result<(), String> {
         let conn = &self.conn;
-        while let Some(frame) = decode_frame(&mut reading.buf, self.max_frame_size)
+        while let Some(decoded) = reading
+            .decoder
+            .decode(&mut reading.buf)
             .map_err(|err| format!("the LB sent a bad frame ({err})"))?
         {
+            let frame = match decoded {
+                Decoded::Frame(frame) => frame,
+                Decoded::Oversized(over) => {
+                    self.refuse_oversized(&over);
+                    continue;
+                }
+            };
             let message = Message::parse(frame).map_err(|(_, err)| {
                 format!("the LB sent a frame that is not a strict binary message ({err})")
             })?;
@@ -270,6 +282,27 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// A call over `max_frame_size` (an LB with a larger limit than this worker's): answered
+    /// with code 7 and skipped without being buffered; the calls around it run.
+    fn refuse_oversized(&self, over: &Oversized) {
+        let text = format!(
+            "the call of {} bytes is over the worker's max_frame_size ({})",
+            over.len, self.max_frame_size
+        );
+        self.log(Level::Warning, text.clone());
+        if let Some(head) = &over.head
+            && head.message_type == MessageType::Call
+        {
+            let frame = rpc_frame::application_exception(
+                head.method(),
+                head.seqid,
+                ExceptionCode::ProtocolError,
+                &text,
+            );
+            self.conn.send(&frame);
+        }
     }
 
     fn log_close(&self, close: Close, state: &ConnState) {

@@ -2,15 +2,16 @@
 //! without buffering it: its head is kept (so the call it belongs to can be answered) and the
 //! rest of its announced length is read and dropped, after which the stream is in step again
 //! (CONTRACT section 9: one bad or oversized frame fails the one call it belongs to). Used by
-//! every reader of the mesh's tokio hops: [`crate::connection`], the proxy's client
-//! connections and the LB's front.
+//! every reader of the mesh: the multiplexed connections of `rpc-mux`, the proxy's client
+//! connections, the LB's front, and the Python worker's connection to its LB.
 //!
 //! A length that cannot be trusted (`<= 0`), or an oversized frame whose first bytes are no
 //! strict header (an HTTP request, random bytes), leaves the stream unframeable: that is an
 //! error, and the connection is closed as before.
 
 use bytes::{Buf, BytesMut};
-use rpc_frame::{FrameError, LENGTH_PREFIX, MAX_NAME_LEN, MessageType, VERSION_1, VERSION_MASK};
+
+use crate::{FrameError, LENGTH_PREFIX, MAX_NAME_LEN, MessageType, VERSION_1, VERSION_MASK};
 
 /// Bytes of a strict header at most: version, name length, name, seqid.
 const HEAD_MAX: usize = 4 + 4 + MAX_NAME_LEN + 4;
@@ -123,7 +124,7 @@ impl FrameDecoder {
                 return Ok(None);
             }
         }
-        match rpc_frame::decode_frame(buf, self.max_frame_size) {
+        match crate::decode_frame(buf, self.max_frame_size) {
             Ok(Some(frame)) => Ok(Some(Decoded::Frame(frame))),
             Ok(None) => Ok(None),
             Err(FrameError::TooLarge { len, max }) => {
@@ -186,7 +187,7 @@ mod tests {
     use super::*;
 
     fn frame(name: &str, seqid: i32, body_len: usize) -> BytesMut {
-        rpc_frame::encode_message(MessageType::Reply, name, seqid, &vec![7u8; body_len])
+        crate::encode_message(MessageType::Reply, name, seqid, &vec![7u8; body_len])
     }
 
     #[test]
@@ -216,7 +217,7 @@ mod tests {
         }
         match &seen[1] {
             Decoded::Frame(f) => {
-                assert_eq!(rpc_frame::Message::parse(f.clone()).unwrap().seqid(), 6)
+                assert_eq!(crate::Message::parse(f.clone()).unwrap().seqid(), 6)
             }
             other => panic!("{other:?}"),
         }
