@@ -20,8 +20,9 @@
 //! - A client that accepts no byte of a pending reply for `write_timeout_ms` is closed.
 //! - A request over `max_frame_size` is answered with code 7 and skipped without buffering
 //!   it; the calls pipelined behind it go on.
-//! - A call's wait for its reply ends by `request_timeout_ms` (plus [`CALLER_MARGIN`])
-//!   even if the upstream connection could not say so.
+//! - A call's wait for its reply ends by `request_timeout_ms` plus a clock tick, whatever
+//!   the upstream does: its connection's clock runs beside its reader and writer
+//!   ([`rpc_mux::connection`]), so no timer per call is needed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -90,10 +91,6 @@ struct Ready {
 
 /// A reply slot: resolves to the bytes to write, or `None` (ONEWAY).
 type ReplyFuture = Pin<Box<dyn Future<Output = Option<Ready>> + Send>>;
-
-/// How much longer than `request_timeout_ms` a caller waits on its upstream connection's
-/// answer before giving up by itself (the connection's clock normally answers first).
-pub const CALLER_MARGIN: Duration = Duration::from_millis(500);
 
 /// Endpoints tried per call: a call that was never written may go to another endpoint.
 const MAX_ATTEMPTS: usize = 3;
@@ -669,14 +666,12 @@ async fn forward(
             endpoint: endpoint.label().to_owned(),
             cause,
         };
-        // When the drain grace is over the endpoint's connection fails this call with
-        // `Stopping` (UpstreamSettings::abort), so this wait ends too. The connection's clock
-        // fails it at its deadline; the caller's own bound is the backstop.
-        let Ok(answer) = tokio::time::timeout(endpoint.request_timeout() + CALLER_MARGIN, rx).await
-        else {
-            return Err(upstream(UpstreamFailure::Timeout));
-        };
-        match answer {
+        // This wait has a deadline without a timer of its own: the upstream connection's
+        // clock, which no blocked read or write can stop, fails the call at its deadline
+        // (`request_timeout_ms`, within a tick); a call still queued there is bounded by the
+        // connect timeout and handed back; when the drain grace is over the connection fails
+        // it with `Stopping` (UpstreamSettings::abort).
+        match rx.await {
             Ok(Ok(reply)) => return Ok(Some(reply)),
             Ok(Err(Failure::NotSent(back))) => {
                 message = back;

@@ -175,11 +175,6 @@ impl Endpoint {
         })
     }
 
-    /// How long a call routed here may wait for its reply (`request_timeout_ms`).
-    pub fn request_timeout(&self) -> Duration {
-        self.settings.request_timeout
-    }
-
     /// The endpoint's address.
     pub fn address(&self) -> &Address {
         &self.address
