@@ -229,7 +229,7 @@ where
                         self.rbuf = BytesMut::new();
                     }
                 }
-                () = self.budget.wait_room(), if full => {
+                () = wait_room_if(&self.budget, full), if full => {
                     // Time the proxy itself did not read is not held against a frame.
                     let now = tokio::time::Instant::now();
                     self.frame_started = self.frame_started.map(|_| now);
@@ -467,6 +467,15 @@ fn ready(reply: Option<BytesMut>) -> ReplyFuture {
 
 fn reply_unless_oneway(oneway: bool, build: impl FnOnce() -> BytesMut) -> Option<BytesMut> {
     if oneway { None } else { Some(build()) }
+}
+
+/// Waits for room in `budget` when `full`. The wait is boxed, and only once polled: this
+/// branch is built on every pass of the connection loop, and an idle connection's task should
+/// not carry a budget waiter in its size.
+async fn wait_room_if(budget: &ConnBudget, full: bool) {
+    if full {
+        Box::pin(budget.wait_room()).await;
+    }
 }
 
 async fn sleep_opt(duration: Option<Duration>) {

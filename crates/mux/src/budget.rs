@@ -24,8 +24,6 @@ struct Counter {
     used: AtomicUsize,
     replies: AtomicUsize,
     limit: usize,
-    /// Woken when `used` drops below `limit`.
-    room: Notify,
 }
 
 impl Counter {
@@ -34,7 +32,6 @@ impl Counter {
             used: AtomicUsize::new(0),
             replies: AtomicUsize::new(0),
             limit: limit.max(1),
-            room: Notify::new(),
         }
     }
 
@@ -60,14 +57,13 @@ impl Counter {
         self.used.fetch_add(bytes, Ordering::AcqRel);
     }
 
-    fn release(&self, bytes: usize, reply: bool) {
+    /// Releases `bytes`; true when that took `used` below the bound.
+    fn release(&self, bytes: usize, reply: bool) -> bool {
         if reply {
             self.replies.fetch_sub(bytes, Ordering::AcqRel);
         }
         let before = self.used.fetch_sub(bytes, Ordering::AcqRel);
-        if before >= self.limit && before - bytes < self.limit {
-            self.room.notify_waiters();
-        }
+        before >= self.limit && before - bytes < self.limit
     }
 }
 
@@ -75,6 +71,10 @@ impl Counter {
 #[derive(Debug)]
 pub struct ProcessBudget {
     counter: Counter,
+    /// Woken when the process, or any of its connections, drops below its bound. One waker
+    /// list for all keeps a connection's budget small (10,000 idle connections each hold
+    /// one); waiters re-check their own bounds, and only connections at a bound wait.
+    room: Notify,
 }
 
 impl ProcessBudget {
@@ -82,6 +82,7 @@ impl ProcessBudget {
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(ProcessBudget {
             counter: Counter::new(limit),
+            room: Notify::new(),
         })
     }
 
@@ -154,25 +155,23 @@ impl ConnBudget {
     /// Resolves once neither this connection nor the process is at its bound.
     pub async fn wait_room(&self) {
         loop {
-            let mine = self.counter.room.notified();
-            let theirs = self.process.counter.room.notified();
-            tokio::pin!(mine, theirs);
+            let room = self.process.room.notified();
+            tokio::pin!(room);
             // Registered before the check, so a release in between is not missed.
-            mine.as_mut().enable();
-            theirs.as_mut().enable();
+            room.as_mut().enable();
             if !self.is_full() {
                 return;
             }
-            tokio::select! {
-                () = mine => {}
-                () = theirs => {}
-            }
+            room.await;
         }
     }
 
     fn release(&self, bytes: usize, reply: bool) {
-        self.counter.release(bytes, reply);
-        self.process.counter.release(bytes, reply);
+        let mine = self.counter.release(bytes, reply);
+        let theirs = self.process.counter.release(bytes, reply);
+        if mine || theirs {
+            self.process.room.notify_waiters();
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Why a write did not complete.
@@ -27,6 +28,10 @@ impl WriteError {
 
 /// Writes all of `buf`; each chunk the socket takes restarts the `timeout` clock.
 ///
+/// Most writes go out at once: those take no clock reading and no timer, and the future stays
+/// small (an idle connection's task carries it). Only a write the socket does not take at once
+/// goes on, boxed, with its deadline.
+///
 /// # Errors
 /// [`WriteError::Stalled`] when no byte went out for `timeout`; [`WriteError::Io`] when the
 /// socket fails (a write of 0 bytes counts as closed).
@@ -39,14 +44,39 @@ where
     W: AsyncWrite + Unpin,
 {
     while !buf.is_empty() {
-        match tokio::time::timeout(timeout, writer.write(buf)).await {
-            Err(_) => return Err(WriteError::Stalled(timeout)),
-            Ok(Ok(0)) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
-            Ok(Ok(n)) => buf = &buf[n..],
-            Ok(Err(e)) => return Err(e.into()),
+        // Polled once: a write that is not ready wrote nothing (cancel-safe).
+        match writer.write(buf).now_or_never() {
+            None => return Box::pin(write_all_within(writer, buf, timeout)).await,
+            Some(written) => buf = &buf[accepted(written)?..],
         }
     }
     Ok(())
+}
+
+/// The rest of [`write_all`], each step under `timeout`.
+async fn write_all_within<W>(
+    writer: &mut W,
+    mut buf: &[u8],
+    timeout: Duration,
+) -> Result<(), WriteError>
+where
+    W: AsyncWrite + Unpin,
+{
+    while !buf.is_empty() {
+        match tokio::time::timeout(timeout, writer.write(buf)).await {
+            Err(_) => return Err(WriteError::Stalled(timeout)),
+            Ok(written) => buf = &buf[accepted(written)?..],
+        }
+    }
+    Ok(())
+}
+
+/// The bytes one write took; 0 means the socket is closed.
+fn accepted(written: std::io::Result<usize>) -> Result<usize, WriteError> {
+    match written? {
+        0 => Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+        n => Ok(n),
+    }
 }
 
 #[cfg(test)]
