@@ -14,6 +14,11 @@
 #                   the kept seed corpus fuzz/corpus/frame (nightly + cargo-fuzz, installed
 #                   if missing); new inputs go to fuzz/corpus-scratch (not kept), crashes to
 #                   fuzz/artifacts
+#   make zk         a throwaway standalone ZooKeeper on 127.0.0.1:ZK_PORT (default 2181)
+#                   until Ctrl-C (scripts/zk_throwaway.sh)
+#   make example    the "run your own service" example end to end: own IDL, rpc_lb, two
+#                   Python workers, rpc_proxy, client calls, ordered stop
+#                   (examples/calculator/run.sh; builds the debug binaries first)
 
 PREFIX ?= /usr/local/rpc_proxy
 PYTHON ?= python3
@@ -37,8 +42,8 @@ install:
 check:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	ruff check tests demo worker-py
-	ruff format --check tests demo worker-py
+	ruff check tests demo worker-py examples
+	ruff format --check tests demo worker-py examples
 
 ops-test:
 	$(PYTHON) -m pytest -q tests/ops
@@ -56,3 +61,14 @@ bench:
 
 bench-smoke:
 	bench/smoke.sh
+
+.PHONY: zk example
+
+ZK_PORT ?= 2181
+
+zk:
+	scripts/zk_throwaway.sh $(ZK_PORT)
+
+example:
+	cargo build --workspace --bins
+	examples/calculator/run.sh

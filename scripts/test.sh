@@ -14,8 +14,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== ruff"
-ruff check tests demo worker-py
-ruff format --check tests demo worker-py
+ruff check tests demo worker-py examples
+ruff format --check tests demo worker-py examples
 
 echo "== cargo build"
 cargo build --workspace --bins

@@ -1,5 +1,5 @@
-//! The LB's admin routes (`admin_address`): `GET /healthz`, `GET /metrics`, `GET /status`,
-//! and the maintenance switch `POST /drain` / `POST /resume`.
+//! The LB's admin routes (`lb_admin_address`, else `admin_address`): `GET /healthz`,
+//! `GET /metrics`, `GET /status`, and the maintenance switch `POST /drain` / `POST /resume`.
 //!
 //! `POST /drain` deletes the ZooKeeper node as SIGTERM does, but the LB stays up: it keeps
 //! serving what proxies still send and does not register again when workers come and go,
@@ -92,19 +92,22 @@ impl LbState {
         }
     }
 
-    /// The `/status` document: health, registration, and every worker with its load.
+    /// The `/status` document: health, registration, and every worker with its load and
+    /// its pid (`null` until a HELLO tells it).
     pub fn status(&self) -> serde_json::Value {
         let now = self.snapshot();
         let totals = self.metrics.calls.totals();
-        let workers: Vec<_> = now
-            .workers
+        let workers: Vec<_> = self
+            .dispatcher
+            .workers()
             .iter()
             .map(|w| {
                 json!({
-                    "id": w.id,
-                    "inflight": w.inflight,
-                    "capacity": w.capacity,
-                    "active": w.active,
+                    "id": w.load.id,
+                    "pid": w.pid,
+                    "inflight": w.load.inflight,
+                    "capacity": w.load.capacity,
+                    "active": w.load.active,
                 })
             })
             .collect();
@@ -237,7 +240,7 @@ mod tests {
     async fn drain_sets_maintenance_and_waits_for_the_node() {
         let (state, registered, mut maintenance) = state();
         let (tx, _rx) = mpsc::unbounded_channel();
-        state.dispatcher.add_worker(tx, 2);
+        state.dispatcher.add_worker(tx, 2, None);
         registered.send_replace(true);
         let routes = Arc::new(routes(state.clone()));
         let r = routes.clone();
@@ -260,7 +263,7 @@ mod tests {
         assert_eq!(doc["state"], "serving");
         assert_eq!(
             doc["workers"][0],
-            json!({"id": 1, "inflight": 0, "capacity": 2, "active": true})
+            json!({"id": 1, "pid": null, "inflight": 0, "capacity": 2, "active": true})
         );
         let (code, text) = call(&routes, "GET", "/metrics").await;
         assert_eq!(code, 200);
@@ -268,5 +271,32 @@ mod tests {
             text.contains(r#"rpc_lb_workers{state="active"} 1"#),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn status_shows_each_workers_pid_once_known() {
+        let (state, _registered, _m) = state();
+        let (tx1, _rx1) = mpsc::unbounded_channel();
+        let (tx2, _rx2) = mpsc::unbounded_channel();
+        let by_hello = state.dispatcher.add_worker(tx1, 4, Some(4242));
+        let by_echo = state.dispatcher.add_worker(tx2, 1, None);
+        let routes = routes(state.clone());
+        let workers = |body: String| {
+            let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+            doc["workers"].clone()
+        };
+        let (code, body) = call(&routes, "GET", "/status").await;
+        assert_eq!(code, 200);
+        assert_eq!(
+            workers(body),
+            json!([
+                {"id": by_hello, "pid": 4242, "inflight": 0, "capacity": 4, "active": true},
+                {"id": by_echo, "pid": null, "inflight": 0, "capacity": 1, "active": true},
+            ])
+        );
+        // The old worker sends a HELLO after all.
+        state.dispatcher.hello(by_echo, 2, Some(99));
+        let (_, body) = call(&routes, "GET", "/status").await;
+        assert_eq!(workers(body)[1]["pid"], 99);
     }
 }

@@ -21,7 +21,7 @@ use crate::metrics::{Meter, Outcome};
 
 // What the scheduler reports lives in a module of its own, so that `metrics` needs nothing
 // of this one.
-pub use crate::load::{Reject, WorkerId, WorkerLoad};
+pub use crate::load::{Reject, WorkerId, WorkerLoad, WorkerStatus};
 
 /// A front connection's reply queue. Every frame queued holds its bytes against the
 /// connection's byte budget until written, so the connection stops reading a peer that does
@@ -130,6 +130,8 @@ struct Worker {
     tx: mpsc::UnboundedSender<ToWorker>,
     inflight: usize,
     capacity: usize,
+    /// Its process id, once a HELLO told it (`/status`).
+    pid: Option<u32>,
     /// False after the worker sent STOP or the LB told it to stop.
     active: bool,
 }
@@ -207,9 +209,15 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Adds a worker connection with `capacity` slots; queued calls start on it at once. After
-    /// [`Dispatcher::stop_all`] it joins inactive and is sent STOP_CONFIRM.
-    pub fn add_worker(&self, tx: mpsc::UnboundedSender<ToWorker>, capacity: usize) -> WorkerId {
+    /// Adds a worker connection with `capacity` slots (and its process id when its HELLO
+    /// gave one); queued calls start on it at once. After [`Dispatcher::stop_all`] it joins
+    /// inactive and is sent STOP_CONFIRM.
+    pub fn add_worker(
+        &self,
+        tx: mpsc::UnboundedSender<ToWorker>,
+        capacity: usize,
+        pid: Option<u32>,
+    ) -> WorkerId {
         let mut state = self.state();
         state.next_id += 1;
         let id = state.next_id;
@@ -224,17 +232,20 @@ impl Dispatcher {
             tx,
             inflight: 0,
             capacity: capacity.max(1),
+            pid,
             active,
         });
         drain_queue(&mut state);
         id
     }
 
-    /// Sets a worker's capacity (from its HELLO).
-    pub fn set_capacity(&self, id: WorkerId, capacity: usize) {
+    /// A HELLO from a worker that already joined: sets its capacity, and its pid when the
+    /// HELLO gave one (a HELLO without a usable pid keeps the one known).
+    pub fn hello(&self, id: WorkerId, capacity: usize, pid: Option<u32>) {
         let mut state = self.state();
         if let Some(worker) = state.workers.iter_mut().find(|w| w.id == id) {
             worker.capacity = capacity.max(1);
+            worker.pid = pid.or(worker.pid);
         }
         drain_queue(&mut state);
     }
@@ -313,16 +324,32 @@ impl Dispatcher {
 
     /// Every worker's load.
     pub fn loads(&self) -> Vec<WorkerLoad> {
+        self.state().workers.iter().map(Worker::load).collect()
+    }
+
+    /// Every worker's load and pid (`/status`).
+    pub fn workers(&self) -> Vec<WorkerStatus> {
         self.state()
             .workers
             .iter()
-            .map(|w| WorkerLoad {
-                id: w.id,
-                inflight: w.inflight,
-                capacity: w.capacity,
-                active: w.active,
+            .map(|w| WorkerStatus {
+                load: w.load(),
+                pid: w.pid,
             })
             .collect()
+    }
+}
+
+// === impl Worker ===
+
+impl Worker {
+    fn load(&self) -> WorkerLoad {
+        WorkerLoad {
+            id: self.id,
+            inflight: self.inflight,
+            capacity: self.capacity,
+            active: self.active,
+        }
     }
 }
 
@@ -408,8 +435,8 @@ mod tests {
         let d = Dispatcher::new(2);
         let (tx1, mut rx1) = mpsc::unbounded_channel();
         let (tx2, mut rx2) = mpsc::unbounded_channel();
-        let w1 = d.add_worker(tx1, 2);
-        let _w2 = d.add_worker(tx2, 2);
+        let w1 = d.add_worker(tx1, 2, None);
+        let _w2 = d.add_worker(tx2, 2, None);
         for _ in 0..4 {
             d.submit(call(later())).unwrap();
         }
@@ -439,7 +466,7 @@ mod tests {
         let mut ids = Vec::new();
         for _ in 0..3 {
             let (tx, rx) = mpsc::unbounded_channel();
-            ids.push(d.add_worker(tx, 2));
+            ids.push(d.add_worker(tx, 2, None));
             rxs.push(rx);
         }
         for round in 0..6 {
@@ -455,8 +482,8 @@ mod tests {
         let d = Dispatcher::new(10);
         let (tx1, mut rx1) = mpsc::unbounded_channel();
         let (tx2, rx2) = mpsc::unbounded_channel();
-        let w1 = d.add_worker(tx1, 4);
-        let _w2 = d.add_worker(tx2, 4);
+        let w1 = d.add_worker(tx1, 4, None);
+        let _w2 = d.add_worker(tx2, 4, None);
         drop(rx2);
         assert!(d.deactivate(w1));
         assert_eq!(d.submit(call(later())).unwrap_err().1, Reject::NoWorker);
@@ -467,7 +494,7 @@ mod tests {
     fn capacity_from_hello_and_queue_expiry() {
         let d = Dispatcher::new(10);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let w = d.add_worker(tx, 1);
+        let w = d.add_worker(tx, 1, None);
         d.submit(call(later())).unwrap();
         d.submit(call(Instant::now())).unwrap();
         d.submit(call(later())).unwrap();
@@ -477,7 +504,7 @@ mod tests {
                 .len(),
             1
         );
-        d.set_capacity(w, 3);
+        d.hello(w, 3, None);
         assert_eq!(
             calls_on(&mut rx),
             1,
@@ -490,7 +517,7 @@ mod tests {
     fn stop_all_confirms_to_workers_and_rejects_after() {
         let d = Dispatcher::new(10);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let w = d.add_worker(tx, 1);
+        let w = d.add_worker(tx, 1, None);
         d.submit(call(later())).unwrap();
         d.submit(call(later())).unwrap();
         let _ = w;
@@ -499,5 +526,23 @@ mod tests {
         assert!(matches!(rx.try_recv(), Ok(ToWorker::Call(_))));
         assert!(matches!(rx.try_recv(), Ok(ToWorker::Control(_))));
         assert_eq!(d.submit(call(later())).unwrap_err().1, Reject::Stopping);
+    }
+
+    #[test]
+    fn pid_from_the_first_hello_or_a_later_one() {
+        let d = Dispatcher::new(10);
+        let (tx1, _rx1) = mpsc::unbounded_channel();
+        let (tx2, _rx2) = mpsc::unbounded_channel();
+        let by_hello = d.add_worker(tx1, 2, Some(4242));
+        let by_echo = d.add_worker(tx2, 1, None);
+        let pids = |d: &Dispatcher| -> Vec<_> { d.workers().iter().map(|w| w.pid).collect() };
+        assert_eq!(pids(&d), [Some(4242), None]);
+        d.hello(by_echo, 3, Some(77));
+        // A HELLO without a usable pid keeps the one known.
+        d.hello(by_hello, 4, None);
+        assert_eq!(pids(&d), [Some(4242), Some(77)]);
+        let statuses = d.workers();
+        assert_eq!(statuses[1].load, d.loads()[1]);
+        assert_eq!(statuses[1].load.capacity, 3);
     }
 }

@@ -1,6 +1,7 @@
 //! What the dispatcher reports: which worker, its load, and why a call was refused. Kept
 //! apart from [`crate::dispatch`] so that [`crate::metrics`], which counts refusals and
-//! shows loads, does not depend on the scheduler that records calls in it.
+//! shows loads, does not depend on the scheduler that records calls in it. [`WorkerStatus`]
+//! adds what only `/status` shows (the pid), so the metrics snapshot stays a plain load.
 
 /// Identifies a worker connection.
 pub type WorkerId = u64;
@@ -27,4 +28,14 @@ pub struct WorkerLoad {
     pub capacity: usize,
     /// Whether it takes new calls.
     pub active: bool,
+}
+
+/// One worker as `/status` shows it: its load, and the process behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStatus {
+    /// Its load, as the metrics see it.
+    pub load: WorkerLoad,
+    /// Its process id, from its HELLO; `None` while it has sent none (an old worker that
+    /// joined by echoing the LB's ping).
+    pub pid: Option<u32>,
 }

@@ -67,7 +67,7 @@ fn main() -> ExitCode {
             let back = Listener::bind(&config.back_address, mode)
                 .await
                 .context("back")?;
-            let admin = match config.common.admin_address.as_deref() {
+            let admin = match config.admin_address.as_deref() {
                 Some(address) => Some(AdminListener::bind(address).await?),
                 None => None,
             };

@@ -16,12 +16,22 @@
 //! `worker joined`). Before that, an unframeable byte stream, a bad header or any other
 //! message closes it, and so does silence for `heartbeat_timeout`; it never held a call, so
 //! no call is lost.
+//!
+//! # Tracing a call to a worker
+//! Every call that reached a worker connection logs one `call done` line at debug level when
+//! its caller is answered (reply, exception, timeout, worker lost, bad reply): service,
+//! method, the proxy's `seqid`, the `worker` id and `pid` (from HELLO; absent for a worker
+//! that sent none), the `worker_seqid` the worker saw (the seqid of its reply, so absent when
+//! it never answered), `duration_ms` from the front, and the metric `outcome` label. A reply
+//! that comes after its caller got the timeout logs `late reply`; a ONEWAY call logs `oneway
+//! call handed to a worker`. Nothing per call is logged at info.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rpc_frame::{ExceptionCode, Hello, Message, MessageType};
+use rpc_metrics::Outcome as _;
 use rpc_mux::{Ending, Expiry, Failure, Outbound, Start, Tick};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -66,6 +76,10 @@ pub struct Pending {
     /// worker answers.
     reply: Option<ReplyTo>,
     method: String,
+    /// The proxy's seqid (kept past `reply`, for the late-reply log line).
+    seqid: i32,
+    /// When the call reached the front (the meter's start), for the log line.
+    started: Instant,
     /// Taken with `reply`: the call's outcome is recorded once.
     meter: Option<Meter>,
 }
@@ -90,6 +104,8 @@ pub struct WorkerPolicy<'a> {
     conn: u64,
     /// Set once the connection proved to be a worker and joined the dispatcher.
     worker: OnceLock<WorkerId>,
+    /// The worker's pid from its HELLO; 0 until one told it.
+    pid: AtomicU32,
     /// It sent STOP before it joined: it never joins.
     stopped: AtomicBool,
     /// Calls it held when it left, and calls handed back for another worker.
@@ -118,6 +134,7 @@ pub async fn serve<R, W>(
     let policy = WorkerPolicy {
         conn: CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1,
         worker: OnceLock::new(),
+        pid: AtomicU32::new(0),
         stopped: AtomicBool::new(false),
         lost: AtomicUsize::new(0),
         moved: AtomicUsize::new(0),
@@ -155,6 +172,7 @@ pub async fn serve<R, W>(
     tracing::info!(
         service = settings.service,
         worker = id,
+        pid = policy.pid(),
         conn = policy.conn,
         ?ending,
         lost = policy.lost.load(Ordering::Relaxed),
@@ -169,9 +187,25 @@ impl WorkerPolicy<'_> {
         self.worker.get().copied()
     }
 
+    /// The worker's pid, once a HELLO told it.
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::Relaxed)).filter(|&pid| pid != 0)
+    }
+
+    /// Keeps the pid of a HELLO (one without a usable pid keeps the one known); returns the
+    /// pid now known.
+    fn learn_pid(&self, hello: &Hello) -> Option<u32> {
+        if let Some(pid) = hello_pid(hello) {
+            self.pid.store(pid, Ordering::Relaxed);
+        }
+        self.pid()
+    }
+
     /// The connection proved to be a worker: it joins the dispatcher with `capacity` slots.
     fn activate(&self, capacity: usize, proof: &'static str) -> WorkerId {
-        let id = self.dispatcher.add_worker(self.tx.clone(), capacity);
+        let id = self
+            .dispatcher
+            .add_worker(self.tx.clone(), capacity, self.pid());
         // Only this function sets it, once: the callers checked `id()`.
         let _ = self.worker.set(id);
         self.settings.metrics.workers_joined.inc();
@@ -179,6 +213,7 @@ impl WorkerPolicy<'_> {
         tracing::info!(
             service = self.settings.service,
             worker = id,
+            pid = self.pid(),
             conn = self.conn,
             proof,
             "worker joined"
@@ -195,6 +230,7 @@ impl WorkerPolicy<'_> {
             MessageType::Hello => match Hello::decode(message.body()) {
                 Some(hello) if !stopped => {
                     let capacity = hello_capacity(&hello, self.settings);
+                    self.learn_pid(&hello);
                     let id = self.activate(capacity, "hello");
                     log_hello(id, &hello, capacity, self.settings);
                 }
@@ -254,7 +290,8 @@ impl WorkerPolicy<'_> {
                 Some(hello) => {
                     let capacity = hello_capacity(&hello, self.settings);
                     log_hello(id, &hello, capacity, self.settings);
-                    self.dispatcher.set_capacity(id, capacity);
+                    let pid = self.learn_pid(&hello);
+                    self.dispatcher.hello(id, capacity, pid);
                 }
                 None => tracing::warn!(worker = id, "malformed HELLO ignored"),
             },
@@ -266,8 +303,28 @@ impl WorkerPolicy<'_> {
         }
     }
 
-    /// Answers the caller of a held call with code 6 and records `outcome`.
+    /// Logs (debug) how a call this worker held ended for its caller; `worker_seqid` is the
+    /// seqid of the worker's answer, when there is one.
+    fn log_call(&self, pending: &Pending, outcome: Outcome, worker_seqid: Option<i32>) {
+        tracing::debug!(
+            service = self.settings.service,
+            method = pending.method,
+            seqid = pending.seqid,
+            worker = self.id(),
+            pid = self.pid(),
+            worker_seqid,
+            duration_ms = millis(pending.started),
+            outcome = outcome.label(),
+            "call done"
+        );
+    }
+
+    /// Answers the caller of a held call with code 6 and records `outcome` (both only if the
+    /// caller was not answered yet: a timed-out call was).
     fn fail(&self, pending: Pending, error: &str, outcome: Outcome) {
+        if pending.reply.is_some() {
+            self.log_call(&pending, outcome, None);
+        }
         if let Some(reply) = pending.reply {
             let text = format!(
                 "Service: {}, Method: {}, Error: {error}",
@@ -292,13 +349,24 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
             Some(reply) => Some((
                 call.deadline,
                 Pending {
+                    seqid: reply.seqid,
                     reply: Some(reply),
                     method: call.message.name().to_owned(),
+                    started: call.meter.started(),
                     meter: Some(call.meter),
                 },
             )),
             // A ONEWAY call is done once written.
             None => {
+                tracing::debug!(
+                    service = self.settings.service,
+                    method = call.message.name(),
+                    seqid = call.message.seqid(),
+                    worker = self.id(),
+                    pid = self.pid(),
+                    duration_ms = millis(call.meter.started()),
+                    "oneway call handed to a worker"
+                );
                 // Written, not answered: a ONEWAY name earns no metric label of its own.
                 call.meter.finish_unanswered(Outcome::Ok);
                 None
@@ -323,11 +391,27 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
         if let Some(id) = self.id() {
             self.dispatcher.finished(id);
         }
+        if pending.reply.is_none() {
+            tracing::debug!(
+                service = self.settings.service,
+                method = pending.method,
+                seqid = pending.seqid,
+                worker = self.id(),
+                pid = self.pid(),
+                worker_seqid = message.seqid(),
+                duration_ms = millis(pending.started),
+                "late reply: the caller already got the timeout; dropped"
+            );
+            return;
+        }
+        let outcome = match message.message_type() {
+            MessageType::Exception => Outcome::Exception,
+            _ => Outcome::Ok,
+        };
+        // Before `reply` puts the proxy's seqid in place of the worker's.
+        self.log_call(&pending, outcome, Some(message.seqid()));
         if let Some(meter) = pending.meter {
-            meter.finish(match message.message_type() {
-                MessageType::Exception => Outcome::Exception,
-                _ => Outcome::Ok,
-            });
+            meter.finish(outcome);
         }
         if let Some(reply) = pending.reply {
             reply.reply(message);
@@ -335,6 +419,9 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
     }
 
     fn expired(&self, pending: &mut Pending) -> Expiry {
+        if pending.reply.is_some() {
+            self.log_call(pending, Outcome::Timeout, None);
+        }
         if let Some(reply) = pending.reply.take() {
             let text = format!(
                 "Service: {}, Method: {}, Error: timeout, the worker did not answer within the request timeout",
@@ -440,6 +527,17 @@ fn hello_capacity(hello: &Hello, settings: &WorkerSettings) -> usize {
     usize::try_from(hello.pool_size)
         .unwrap_or(1)
         .clamp(1, settings.max_capacity)
+}
+
+/// A HELLO's pid, if it is one (a process id is positive).
+fn hello_pid(hello: &Hello) -> Option<u32> {
+    u32::try_from(hello.pid).ok().filter(|&pid| pid > 0)
+}
+
+/// Milliseconds since `started`, to the microsecond (log lines).
+fn millis(started: Instant) -> f64 {
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    micros as f64 / 1000.0
 }
 
 /// Gives a call back to the dispatcher; if no worker can take it, fails it.

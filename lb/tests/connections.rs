@@ -3,10 +3,12 @@
 //! [`Dispatcher`]; the tests play the proxy, scripted fake workers and abusive peers with
 //! raw frames. Covers: a back connection takes calls only once it proved to be a worker
 //! (HELLO or ping echo), frame-completion and idle deadlines on the front, and code-7 replies
-//! to bad headers carrying the caller's seqid.
+//! to bad headers carrying the caller's seqid, and what traces a call to its worker (pids
+//! from HELLO, the per-call debug line).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -41,6 +43,7 @@ struct Timings {
     idle_timeout: Option<Duration>,
     write_timeout: Duration,
     max_buffer_bytes: usize,
+    request_timeout: Duration,
 }
 
 impl Default for Timings {
@@ -52,6 +55,7 @@ impl Default for Timings {
             idle_timeout: None,
             write_timeout: Duration::from_secs(30),
             max_buffer_bytes: 32 << 20,
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -77,7 +81,7 @@ impl Lb {
             front: Arc::new(FrontSettings {
                 service: "echo".into(),
                 max_frame_size: MAX_FRAME,
-                request_timeout: Duration::from_secs(10),
+                request_timeout: timings.request_timeout,
                 frame_timeout: timings.frame_timeout,
                 idle_timeout: timings.idle_timeout,
                 write_timeout: timings.write_timeout,
@@ -132,8 +136,9 @@ impl Lb {
         Peer::new(theirs)
     }
 
-    /// A well-behaved worker: HELLO with `pool_size`, echoes pings, answers every call with
-    /// its body (`slow` after 2 s). Returns the count of calls it answered.
+    /// A well-behaved worker: HELLO with `pool_size` (pid [`WORKER_PID`]), echoes pings,
+    /// answers every call with its body (`slow` after 2 s). Returns the count of calls it
+    /// answered.
     async fn worker(&self, pool_size: i32) -> Arc<AtomicUsize> {
         let before = self.dispatcher.active_workers();
         let peer = self.back();
@@ -154,6 +159,9 @@ impl Drop for Lb {
     }
 }
 
+/// The pid in the HELLO of [`Lb::worker`]'s workers.
+const WORKER_PID: i32 = 4242;
+
 async fn run_worker(peer: Peer, pool_size: i32, served: Arc<AtomicUsize>) {
     let (mut reader, mut writer) = peer.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<BytesMut>();
@@ -166,7 +174,7 @@ async fn run_worker(peer: Peer, pool_size: i32, served: Arc<AtomicUsize>) {
     });
     let hello = Hello {
         pool_size,
-        pid: 4242,
+        pid: WORKER_PID,
         service: "echo".into(),
     };
     let _ = tx.send(hello.encode());
@@ -746,4 +754,249 @@ async fn code_7_reply_to_a_bad_header_carries_the_callers_seqid() {
     }
     // The connection goes on serving.
     assert_reply(&peer.call("echo:echo", 40, b"ok").await, 40, b"ok");
+}
+
+// === tracing a call to its worker ===
+
+/// One event the LB logged: its level and fields (`message` included), as text.
+#[derive(Debug, Clone)]
+struct Logged {
+    level: tracing::Level,
+    fields: BTreeMap<String, String>,
+}
+
+impl Logged {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(String::as_str)
+    }
+}
+
+/// Events captured on this thread, while a [`Capture`] lives.
+type Captured = Arc<Mutex<Vec<Logged>>>;
+
+thread_local! {
+    static CAPTURED: std::cell::RefCell<Option<Captured>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The events the LB logs on this thread (every level) while it lives; `#[tokio::test]`
+/// runs every task on the test's thread. A global subscriber (set once for the test binary)
+/// feeds it: a thread-local default subscriber would miss events whose callsite another
+/// test's thread registered first.
+struct Capture(Captured);
+
+impl Capture {
+    fn start() -> Capture {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            tracing::subscriber::set_global_default(ToCapture)
+                .expect("no other global subscriber in this test binary");
+        });
+        let captured = Captured::default();
+        CAPTURED.with(|c| *c.borrow_mut() = Some(captured.clone()));
+        Capture(captured)
+    }
+
+    /// Waits for an event with `message`, and returns it with the events logged before it;
+    /// both leave the capture, later events stay.
+    async fn wait_for(&self, message: &str) -> (Logged, Vec<Logged>) {
+        let deadline = Instant::now() + RECV;
+        loop {
+            {
+                let mut events = self.0.lock().unwrap();
+                if let Some(at) = events
+                    .iter()
+                    .position(|e| e.field("message") == Some(message))
+                {
+                    let mut before: Vec<_> = events.drain(..=at).collect();
+                    let event = before.pop().expect("drained up to it");
+                    return (event, before);
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no {message:?} logged: {events:#?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        CAPTURED.with(|c| c.borrow_mut().take());
+    }
+}
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+/// The global subscriber behind [`Capture`]: every event, to the capture of its thread if
+/// there is one.
+struct ToCapture;
+
+impl tracing::Subscriber for ToCapture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let Some(captured) = CAPTURED.with(|c| c.borrow().clone()) else {
+            return;
+        };
+        let mut fields = BTreeMap::new();
+        event.record(&mut Fields(&mut fields));
+        captured.lock().unwrap().push(Logged {
+            level: *event.metadata().level(),
+            fields,
+        });
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test]
+async fn workers_are_known_by_the_pid_of_their_hello() {
+    let lb = Lb::new(Timings::default());
+    lb.worker(2).await;
+    let pids = |lb: &Lb| -> Vec<_> { lb.dispatcher.workers().iter().map(|w| w.pid).collect() };
+    assert_eq!(pids(&lb), [Some(WORKER_PID as u32)]);
+
+    // An old worker joins by its ping echo: no pid, until it sends a HELLO after all.
+    let mut old = lb.back();
+    let ping = old.recv().await;
+    old.send(ping.as_wire()).await;
+    let dispatcher = lb.dispatcher.clone();
+    wait_until(RECV, "the echo makes it a worker", || {
+        dispatcher.active_workers() == 2
+    })
+    .await;
+    assert_eq!(pids(&lb), [Some(WORKER_PID as u32), None]);
+    let hello = Hello {
+        pool_size: 3,
+        pid: 5151,
+        service: "echo".into(),
+    };
+    old.send(&hello.encode()).await;
+    wait_until(RECV, "the late HELLO gives its pid", || {
+        dispatcher.workers()[1].pid == Some(5151)
+    })
+    .await;
+    assert_eq!(lb.dispatcher.workers()[1].load.capacity, 3);
+}
+
+#[tokio::test]
+async fn each_call_logs_one_debug_line_naming_its_worker_and_nothing_at_info() {
+    let capture = Capture::start();
+    let lb = Lb::new(Timings {
+        request_timeout: Duration::from_millis(500),
+        ..Timings::default()
+    });
+    lb.worker(2).await;
+    let worker = lb.dispatcher.workers()[0].load.id.to_string();
+    let (joined, _) = capture.wait_for("worker joined").await;
+    assert_eq!(joined.field("pid"), Some("4242"), "{joined:?}");
+    capture.wait_for("worker hello").await;
+    let mut front = lb.front();
+
+    assert_reply(&front.call("echo:echo", 77, b"traced").await, 77, b"traced");
+    let (done, during) = capture.wait_for("call done").await;
+    assert_eq!(done.level, tracing::Level::DEBUG);
+    for (field, value) in [
+        ("service", "echo"),
+        ("method", "echo"),
+        ("seqid", "77"),
+        ("worker", worker.as_str()),
+        ("pid", "4242"),
+        ("outcome", "ok"),
+    ] {
+        assert_eq!(done.field(field), Some(value), "{field} in {done:?}");
+    }
+    assert!(done.field("worker_seqid").is_some(), "{done:?}");
+    let ms: f64 = done.field("duration_ms").unwrap().parse().unwrap();
+    assert!((0.0..5000.0).contains(&ms), "{done:?}");
+    let loud: Vec<_> = during
+        .iter()
+        .filter(|e| e.level <= tracing::Level::INFO)
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "logged at info or above per call: {loud:?}"
+    );
+
+    // A call past the request timeout: its line when the caller gets the timeout, then one
+    // for the worker's late reply.
+    front.send_call("echo:slow", 78, b"slow").await;
+    let timeout = front.recv().await;
+    assert_eq!(timeout.message_type(), MessageType::Exception);
+    let (done, _) = capture.wait_for("call done").await;
+    assert_eq!(
+        (done.field("seqid"), done.field("outcome")),
+        (Some("78"), Some("timeout")),
+        "{done:?}"
+    );
+    assert_eq!(done.field("worker_seqid"), None, "no answer yet: {done:?}");
+    let (late, _) = capture
+        .wait_for("late reply: the caller already got the timeout; dropped")
+        .await;
+    assert_eq!(late.level, tracing::Level::DEBUG);
+    assert_eq!(
+        (late.field("seqid"), late.field("pid")),
+        (Some("78"), Some("4242")),
+        "{late:?}"
+    );
+    assert!(late.field("worker_seqid").is_some(), "{late:?}");
+
+    // A worker that dies holding a call: the line says so.
+    let mut dying = lb.back();
+    let hello = Hello {
+        pool_size: 1,
+        pid: 31337,
+        service: "echo".into(),
+    };
+    dying.send(&hello.encode()).await;
+    let dispatcher = lb.dispatcher.clone();
+    wait_until(RECV, "the second worker joins", || {
+        dispatcher.active_workers() == 2
+    })
+    .await;
+    // Both idle with room: calls alternate, so one of two lands on the dying worker.
+    front.send_call("echo:echo", 80, b"a").await;
+    front.send_call("echo:echo", 81, b"b").await;
+    let call = loop {
+        let m = dying.recv().await;
+        if m.message_type() == MessageType::Call {
+            break m;
+        }
+    };
+    drop(dying);
+    let mut answers = [front.recv().await, front.recv().await];
+    answers.sort_by_key(|m| m.seqid());
+    assert_eq!(answers.len(), 2);
+    let lost = loop {
+        let (done, _) = capture.wait_for("call done").await;
+        if done.field("outcome") == Some("worker_lost") {
+            break done;
+        }
+    };
+    assert_eq!(lost.field("pid"), Some("31337"), "{lost:?}");
+    assert_eq!(lost.field("method"), Some(call.name()), "{lost:?}");
 }

@@ -96,14 +96,15 @@ pub async fn run(
 
 /// Runs the proxy fed by any source of discovery events (ZooKeeper in production, a static
 /// list in tests) until `shutdown` is cancelled and the drain is over. The admin endpoint,
-/// when `admin_address` is set, is bound here (a failure is logged, not fatal).
+/// when `proxy_admin_address` (else `admin_address`) is set, is bound here (a failure is
+/// logged, not fatal).
 pub async fn run_with_discovery(
     config: ProxyConfig,
     listener: Listener,
     events: mpsc::Receiver<DiscoveryEvent>,
     shutdown: CancellationToken,
 ) {
-    let admin = match config.common.admin_address.as_deref() {
+    let admin = match config.admin_address.as_deref() {
         Some(address) => match AdminListener::bind(address).await {
             Ok(admin) => Some(admin),
             Err(e) => {

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         config.common.worker_threads,
         |shutdown| async move {
             let listener = Listener::bind(&config.proxy_address, config.common.socket_mode).await?;
-            let admin = match config.common.admin_address.as_deref() {
+            let admin = match config.admin_address.as_deref() {
                 Some(address) => Some(AdminListener::bind(address).await?),
                 None => None,
             };

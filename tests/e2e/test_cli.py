@@ -98,6 +98,52 @@ def test_bad_value_exits_78_naming_the_key(proxy_bin, workdir, zk_server, produc
     assert key in done.stderr, done.stderr
 
 
+def test_bad_config_message_printed_once(proxy_bin, workdir, zk_server, product):
+    config = _config(workdir, zk_server, product, request_timeout_ms="soon")
+    done = _run(proxy_bin, ["-c", str(config)], workdir)
+    assert done.returncode == EX_CONFIG, done
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"want the message once, got: {done.stderr!r}"
+    assert lines[0].startswith("rpc_proxy: ") and "request_timeout_ms" in lines[0], lines[0]
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("log_file", [False, True], ids=["stderr-log", "file-log"])
+@pytest.mark.parametrize("binary", ["rpc_proxy", "rpc_lb"])
+def test_startup_failure_printed_once(proxy_bin, workdir, zk_server, product, binary, log_file):
+    # The admin port is taken, so the binary fails after logging is set up: exit 1 and one
+    # stderr line, whether the log goes to stderr too (no -L) or to a file (-L, which then
+    # gets the error as well).
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        if binary == "rpc_proxy":
+            path = proxy_bin
+            config = _config(workdir, zk_server, product, proxy_admin_address=taken)
+        else:
+            path = harness.lb_bin()
+            config = _config(
+                workdir,
+                zk_server,
+                product,
+                drop=("proxy_address",),
+                service="echo",
+                back_address=str(workdir / "back.sock"),
+                front_sock=str(workdir / "front.sock"),
+                lb_admin_address=taken,
+            )
+        log = workdir / "start.log"
+        args = ["-c", str(config)] + (["-L", str(log)] if log_file else [])
+        done = _run(path, args, workdir)
+    assert done.returncode == 1, done
+    lines = [line for line in done.stderr.splitlines() if "Address already in use" in line]
+    assert len(lines) == 1, f"want the error once on stderr, got: {done.stderr!r}"
+    assert lines[0].startswith(f"{binary}: ") and taken in lines[0], lines[0]
+    logged = "".join(harness._read(p) for p in workdir.glob("start.log*"))
+    assert logged.count("Address already in use") == (1 if log_file else 0), logged
+
+
 def test_unknown_key_warns_and_starts(backends, proxies, clients):
     backends.start("A")
     proxy = proxies.start(frobnicate_widgets="yes")

@@ -6,7 +6,11 @@ import subprocess
 import pytest
 from opskit import REPO, show
 
-SCRIPTS = [REPO / "scripts" / n for n in ("control_proxy.sh", "control_lb.sh", "install.sh")]
+SCRIPTS = [
+    *(REPO / "scripts" / n for n in ("control_proxy.sh", "control_lb.sh", "install.sh")),
+    REPO / "scripts" / "zk_throwaway.sh",
+    REPO / "examples" / "calculator" / "run.sh",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

@@ -9,7 +9,7 @@
 //! live in [`crate::protocol`].
 //!
 //! # Threads
-//! - `pool_size` *pool threads* run the handler. A pool thread with nothing to run becomes
+//! - `pool_size` *pool threads* (`rpc_thrift-worker-<n>`, from 0) run the handler. A pool thread with nothing to run becomes
 //!   the connection's *reader* (leader/follower): it reads frames, echoes pings, and takes the
 //!   first call it reads for itself, so a call costs no hand-off between threads (no futex
 //!   wake-up, no context switch). Further calls read in the same batch are queued for the other
@@ -59,6 +59,7 @@ mod testing;
 
 pub use handler::{Handler, Outcome};
 pub use logging::{Level, LogSink};
+pub use pool::pool_thread_name;
 pub use reply::{ReplyPlan, plan_reply};
 pub use stop::StopSignal;
 
@@ -235,6 +236,26 @@ mod tests {
         conn.send(&heartbeat(42));
         assert_eq!(conn.read().unwrap().as_wire(), &heartbeat(42)[..]);
         assert_eq!(conn.read().unwrap().seqid(), 3);
+        worker.stop_unconfirmed();
+    }
+
+    #[test]
+    fn pool_threads_are_named_rpc_thrift_worker_n() {
+        let mut worker = serving(2);
+        let mut both = encode_message(MessageType::Call, "name", 1, b"t");
+        both.extend_from_slice(&encode_message(MessageType::Call, "name", 2, b"t"));
+        worker.conn.send(&both);
+        let names: std::collections::BTreeSet<_> = (0..2)
+            .map(|_| String::from_utf8(worker.conn.read().unwrap().body().to_vec()).unwrap())
+            .collect();
+        assert!(
+            names.iter().all(|n| n.starts_with("rpc_thrift-worker-")),
+            "{names:?}"
+        );
+        assert!(
+            names.is_subset(&[pool_thread_name(0), pool_thread_name(1)].into()),
+            "{names:?}"
+        );
         worker.stop_unconfirmed();
     }
 

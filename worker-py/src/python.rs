@@ -4,10 +4,11 @@
 //! from the thread that called `run()`.
 //!
 //! The GIL: the connection thread never takes it (pings are echoed while every handler holds
-//! it). Pool threads attach once for their whole life and release the GIL while they read the
-//! socket, wait for a call or write a reply. `run()` waits in short slices with the GIL released and calls
-//! `PyErr_CheckSignals` between slices, so Python-level signal handlers run on the main
-//! thread while the worker serves.
+//! it). Pool threads attach once for their whole life (named `rpc_thrift-worker-<n>` in Python
+//! as in Rust) and release the GIL while they read the socket, wait for a call or write a
+//! reply. `run()` waits in short slices with the GIL released and calls `PyErr_CheckSignals`
+//! between slices, so Python-level signal handlers run on the main thread while the worker
+//! serves.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
@@ -74,12 +75,29 @@ impl Handler for PyHandler {
     fn pool_thread(&self, body: &mut dyn FnMut()) {
         // Attach once for the thread's life: the thread state (and `threading.local` data of
         // handlers) survives between calls. Nothing runs once the interpreter is finalizing.
-        let _ = Python::try_attach(|_py| body());
+        let _ = Python::try_attach(|py| {
+            name_python_thread(py);
+            body()
+        });
     }
 
     fn blocking<R: Send, F: FnOnce() -> R + Send>(&self, f: F) -> R {
         Python::attach(|py| py.detach(f))
     }
+}
+
+/// Gives the calling thread its Rust name (`rpc_thrift-worker-<n>` for a pool thread) in
+/// Python too: a thread that Python did not start shows as `Dummy-<n>` in
+/// `threading.current_thread().name` and in log records otherwise. Best effort: a failure
+/// (e.g. a patched `threading`) leaves the Python default.
+fn name_python_thread(py: Python<'_>) {
+    let Some(name) = std::thread::current().name().map(str::to_owned) else {
+        return;
+    };
+    let _ = py
+        .import("threading")
+        .and_then(|threading| threading.call_method0("current_thread"))
+        .and_then(|thread| thread.setattr("name", name));
 }
 
 /// The compiled worker core; `rpc_thrift.RpcWorker` wraps it (signals, the Thrift

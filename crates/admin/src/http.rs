@@ -411,7 +411,7 @@ impl AdminListener {
     pub async fn bind(address: &str) -> io::Result<Self> {
         let listener = TcpListener::bind(address)
             .await
-            .map_err(|e| io::Error::new(e.kind(), format!("admin_address {address}: {e}")))?;
+            .map_err(|e| io::Error::new(e.kind(), format!("admin endpoint {address}: {e}")))?;
         let address = listener.local_addr()?;
         Ok(AdminListener { listener, address })
     }

@@ -29,6 +29,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "max_process_buffer_bytes",
     // Proxy only.
     "proxy_address",
+    "proxy_admin_address",
     "max_inflight_per_connection",
     "max_pending_per_endpoint",
     "upstream_connections",
@@ -47,6 +48,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "worker_pool_size",
     "max_queue",
     "front_idle_timeout_ms",
+    "lb_admin_address",
 ];
 
 /// Keys of the Go original that nothing reads any more (`profile`, `falcon_client`,

@@ -131,8 +131,6 @@ pub struct CommonConfig {
     pub log_format: LogFormat,
     /// `status_interval_ms` (`10000`): period of the status log line; `0` turns it off (NEW).
     pub status_interval: Option<Duration>,
-    /// `admin_address` (off): `host:port` of the admin HTTP endpoint.
-    pub admin_address: Option<String>,
     /// `zk_auth` (`user:password`) or the first line of the file `zk_auth_file` (NEW, off):
     /// ZooKeeper digest credential. The LB then creates its nodes readable by anyone and
     /// writable only by holders of the credential.
@@ -161,6 +159,10 @@ pub struct ProxyConfig {
     pub common: CommonConfig,
     /// `proxy_address` (required): where clients connect.
     pub proxy_address: Address,
+    /// `proxy_admin_address`, else `admin_address` (off): `host:port` of the proxy's admin
+    /// HTTP endpoint. Its own key lets one file serve the proxy and the LB of a host, each
+    /// with its endpoint on (both binding `admin_address` would clash).
+    pub admin_address: Option<String>,
     /// `request_timeout_ms` (`15000`).
     pub request_timeout: Duration,
     /// `drain_grace_ms` (`10000` for the proxy): longest graceful stop.
@@ -205,6 +207,9 @@ pub struct LbConfig {
     pub front_sock: Option<PathBuf>,
     /// `back_address` (required): where workers connect.
     pub back_address: Address,
+    /// `lb_admin_address`, else `admin_address` (off): `host:port` of the LB's admin HTTP
+    /// endpoint (its own key: see [`ProxyConfig::admin_address`]).
+    pub admin_address: Option<String>,
     /// `worker_pool_size` (`1`): capacity of a worker that announces none.
     pub worker_pool_size: usize,
     /// `request_timeout_ms` (`15000`).
@@ -319,7 +324,6 @@ impl CommonConfig {
             log_format: values.log_format("log_format")?,
             status_interval: values
                 .optional_millis("status_interval_ms", DEFAULT_STATUS_INTERVAL_MS)?,
-            admin_address: values.host_port("admin_address")?,
             zk_auth: zk_auth(values)?,
             socket_mode: values.octal_mode("socket_mode", DEFAULT_SOCKET_MODE)?,
             worker_threads: worker_threads(values)?,
@@ -370,6 +374,15 @@ fn worker_threads(values: &Values) -> Result<usize, ConfigError> {
     }
 }
 
+/// The admin endpoint of one binary: its own key (`proxy_admin_address` or
+/// `lb_admin_address`) when set, else the shared `admin_address`. Both keys are checked as
+/// `host:port` even when the own key wins: a bad value in the file is reported, not hidden.
+fn admin_address(values: &Values, own_key: &'static str) -> Result<Option<String>, ConfigError> {
+    let own = values.host_port(own_key)?;
+    let shared = values.host_port("admin_address")?;
+    Ok(own.or(shared))
+}
+
 /// Parses `text` and builds a configuration from its values with `build`; returns it with the
 /// warnings collected on the way.
 fn parse_with<C>(
@@ -407,6 +420,7 @@ impl ProxyConfig {
         Ok(Self {
             common,
             proxy_address,
+            admin_address: admin_address(values, "proxy_admin_address")?,
             request_timeout: values.millis(
                 "request_timeout_ms",
                 DEFAULT_REQUEST_TIMEOUT_MS,
@@ -473,6 +487,7 @@ impl LbConfig {
             ip_prefix: values.text("ip_prefix"),
             front_sock: values.absolute_path("front_sock")?,
             back_address,
+            admin_address: admin_address(values, "lb_admin_address")?,
             worker_pool_size: values.count("worker_pool_size", DEFAULT_WORKER_POOL_SIZE)?,
             request_timeout: values.millis(
                 "request_timeout_ms",
@@ -539,7 +554,6 @@ mod tests {
                 log_keep_days: 3,
                 log_format: LogFormat::Text,
                 status_interval: Some(ms(10_000)),
-                admin_address: None,
                 zk_auth: None,
                 socket_mode: 0o660,
                 worker_threads: 1,
@@ -548,6 +562,7 @@ mod tests {
                 max_process_buffer_bytes: 1_073_741_824,
             },
             proxy_address: Address::Unix("/tmp/proxy.sock".into()),
+            admin_address: None,
             request_timeout: ms(15_000),
             drain_grace: ms(10_000),
             max_connections: 20_000,
@@ -573,6 +588,7 @@ mod tests {
         assert_eq!(config.ip_prefix, None);
         assert_eq!(config.front_sock, None);
         assert_eq!(config.back_address, Address::Unix("/tmp/back.sock".into()));
+        assert_eq!(config.admin_address, None);
         assert_eq!(config.worker_pool_size, 1);
         assert_eq!(config.request_timeout, ms(15_000));
         assert_eq!(config.drain_grace, ms(25_000));
@@ -632,9 +648,9 @@ front_idle_timeout_ms = 45000
         assert_eq!(c.log_keep_days, 7);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.status_interval, None);
-        assert_eq!(c.admin_address.as_deref(), Some("127.0.0.1:9100"));
         assert_eq!(c.socket_mode, 0o600);
         assert_eq!(p.proxy_address, Address::Tcp("0.0.0.0:5550".into()));
+        assert_eq!(p.admin_address.as_deref(), Some("127.0.0.1:9100"));
         assert_eq!(p.request_timeout, ms(2000));
         assert_eq!(p.drain_grace, Duration::ZERO);
         assert_eq!(p.max_connections, 10);
@@ -655,6 +671,7 @@ front_idle_timeout_ms = 45000
         assert_eq!(l.ip_prefix.as_deref(), Some("10."));
         assert_eq!(l.front_sock.as_deref(), Some(Path::new("/run/echo.sock")));
         assert_eq!(l.back_address, Address::Tcp("[::1]:6000".into()));
+        assert_eq!(l.admin_address.as_deref(), Some("127.0.0.1:9100"));
         assert_eq!(l.worker_pool_size, 8);
         assert_eq!(l.request_timeout, ms(2000));
         assert_eq!(l.drain_grace, Duration::ZERO);
@@ -739,6 +756,8 @@ front_idle_timeout_ms = 45000
             ("status_interval_ms", "-1"),
             ("admin_address", "9100"),
             ("admin_address", "localhost:port"),
+            ("proxy_admin_address", "9100"),
+            ("proxy_admin_address", "/tmp/admin.sock"),
             ("socket_mode", "0888"),
             ("socket_mode", "01777"),
             ("socket_mode", "rw"),
@@ -777,11 +796,52 @@ front_idle_timeout_ms = 45000
             ("verbose", "maybe"),
             ("front_idle_timeout_ms", "-1"),
             ("front_idle_timeout_ms", "5m"),
+            ("admin_address", "host:x"),
+            ("lb_admin_address", "9101"),
+            ("lb_admin_address", "[::1:9101"),
         ];
         for (key, bad) in lb_cases {
             let text = format!("{LB_MIN}{key}={bad}\n");
             assert_invalid(lb(&text).unwrap_err(), key);
         }
+    }
+
+    #[test]
+    fn each_binary_has_its_own_admin_address_defaulting_to_the_shared_one() {
+        let shared = "admin_address=127.0.0.1:9100\n";
+        let both = "proxy_admin_address=127.0.0.1:9101\nlb_admin_address=127.0.0.1:9102\n";
+        let text = format!("{PROXY_MIN}{LB_MIN}{shared}{both}");
+        let (p, warnings) = ProxyConfig::parse(&text).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let (l, warnings) = LbConfig::parse(&text).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(p.admin_address.as_deref(), Some("127.0.0.1:9101"));
+        assert_eq!(l.admin_address.as_deref(), Some("127.0.0.1:9102"));
+        // Only the LB's own key: the proxy keeps the shared one.
+        let text = format!("{PROXY_MIN}{LB_MIN}{shared}lb_admin_address=127.0.0.1:9102\n");
+        assert_eq!(
+            proxy(&text).unwrap().admin_address.as_deref(),
+            Some("127.0.0.1:9100")
+        );
+        assert_eq!(
+            lb(&text).unwrap().admin_address.as_deref(),
+            Some("127.0.0.1:9102")
+        );
+        // Own keys without the shared one; empty values are unset.
+        let text = format!("{PROXY_MIN}{LB_MIN}admin_address=\nproxy_admin_address=[::1]:9101\n");
+        assert_eq!(
+            proxy(&text).unwrap().admin_address.as_deref(),
+            Some("[::1]:9101")
+        );
+        assert_eq!(lb(&text).unwrap().admin_address, None);
+        // A bad shared value is reported even where an own key overrides it; the other
+        // binary's key is not checked.
+        let text = format!("{PROXY_MIN}{LB_MIN}admin_address=9100\n{both}");
+        assert_invalid(proxy(&text).unwrap_err(), "admin_address");
+        assert_invalid(lb(&text).unwrap_err(), "admin_address");
+        let text = format!("{PROXY_MIN}{LB_MIN}lb_admin_address=9102\n");
+        assert_eq!(proxy(&text).unwrap().admin_address, None);
+        assert_invalid(lb(&text).unwrap_err(), "lb_admin_address");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod startup;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -103,6 +104,17 @@ pub struct LogOptions {
     pub json: bool,
 }
 
+/// Whether the global subscriber writes to a log file (`-L`) rather than stderr. Set by
+/// [`init_logging`]; global like the subscriber it describes.
+static LOGS_TO_FILE: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`init_logging`] installed a subscriber that writes to a file, so a message meant
+/// for both stderr and the log must be written to each (to stderr alone it would be printed
+/// twice).
+pub(crate) fn logs_to_file() -> bool {
+    LOGS_TO_FILE.load(Ordering::Relaxed)
+}
+
 /// Keeps the non-blocking log writer flushing; drop it last.
 pub struct LogGuard {
     _guard: Option<tracing_appender::non_blocking::WorkerGuard>,
@@ -135,6 +147,7 @@ pub fn init_logging(options: &LogOptions) -> Result<LogGuard, String> {
         builder.try_init()
     };
     result.map_err(|e| format!("cannot install logger: {e}"))?;
+    LOGS_TO_FILE.store(options.file.is_some(), Ordering::Relaxed);
     Ok(LogGuard { _guard: guard })
 }
 

@@ -107,9 +107,10 @@ pub fn start_logging(
 /// sockets and serves until it has drained.
 ///
 /// # Errors
-/// Returns exit code 1 after one line `<binary>: <error>` on stderr (and in the log) when the
-/// runtime or the signal handlers cannot be set up, or `body` fails (a socket that cannot be
-/// bound); `0` when `body` returns `Ok`.
+/// Returns exit code 1 after one line `<binary>: <error>` on stderr when the runtime or the
+/// signal handlers cannot be set up, or `body` fails (a socket that cannot be bound); `0`
+/// when `body` returns `Ok`. With `-L` the log file gets the error as well; without it the
+/// log is stderr, so the error is not logged a second time.
 pub fn serve<F, Fut>(binary: &str, worker_threads: usize, body: F) -> ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
@@ -129,9 +130,19 @@ where
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("{binary}: {e:#}");
+            report_failure(binary, &format!("{e:#}"));
             ExitCode::from(exit::FAILURE)
         }
+    }
+}
+
+/// Prints a start-up failure once per destination: always one line on stderr (what a
+/// terminal, the control scripts and journald show), and in the log only when the log is a
+/// file (`-L`), so the file tells why the process stopped. Without `-L` the log *is* stderr,
+/// and logging it too would print the failure twice.
+fn report_failure(binary: &str, message: &str) {
+    eprintln!("{binary}: {message}");
+    if crate::logs_to_file() {
+        tracing::error!("{message}");
     }
 }

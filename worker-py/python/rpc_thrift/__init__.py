@@ -1,6 +1,8 @@
 """rpc_thrift: the Python side of the rpc_proxy mesh.
 
 - :class:`RpcWorker` serves a Thrift processor to an rpc_lb (a worker, layer L4).
+- :func:`current_call` and :class:`CallContextFilter` tell handler code and its log records
+  which call runs (method, seqid); pool threads are named ``rpc_thrift-worker-<n>``.
 - :func:`get_base_protocol` / :func:`get_service_protocol` (in :mod:`rpc_thrift.utils`) give
   clients a multiplexed, framed, binary protocol to the local rpc_proxy.
 
@@ -8,6 +10,7 @@ The message types the mesh adds to Thrift's (CONTRACT section 2) are exported as
 """
 
 from rpc_thrift._worker import DEFAULT_MAX_FRAME_SIZE, __version__
+from rpc_thrift.context import CallContextFilter, CallInfo, current_call
 from rpc_thrift.utils import get_base_protocol, get_service_protocol
 from rpc_thrift.worker import RpcWorker
 
@@ -21,6 +24,8 @@ MESSAGE_TYPE_STOP_CONFIRM = 22
 MESSAGE_TYPE_HELLO = 23
 
 __all__ = [
+    "CallContextFilter",
+    "CallInfo",
     "DEFAULT_MAX_FRAME_SIZE",
     "MESSAGE_TYPE_HEART_BEAT",
     "MESSAGE_TYPE_HELLO",
@@ -28,6 +33,7 @@ __all__ = [
     "MESSAGE_TYPE_STOP_CONFIRM",
     "RpcWorker",
     "__version__",
+    "current_call",
     "get_base_protocol",
     "get_service_protocol",
 ]

@@ -26,6 +26,7 @@ from thrift.transport.TTransport import TMemoryBuffer
 
 from rpc_thrift._worker import DEFAULT_MAX_FRAME_SIZE
 from rpc_thrift._worker import Worker as _Core
+from rpc_thrift.context import enter_call, leave_call
 
 try:  # thrift's C codec; the pure-Python protocol is used without it.
     from thrift.protocol import fastbinary as _fastbinary
@@ -147,7 +148,10 @@ class _Codec(threading.local):
 
 
 class _Dispatcher:
-    """Runs one call: ``payload`` (a message without frame length) in, reply message out."""
+    """Runs one call: ``payload`` (a message without frame length) in, reply message out.
+
+    While it runs, the call is :func:`rpc_thrift.current_call`.
+    """
 
     __slots__ = ("_processor", "_codec")
 
@@ -163,6 +167,7 @@ class _Dispatcher:
         codec.inbound._buffer = BytesIO(payload)
         out = codec.outbound._buffer = BytesIO()
         caught = _handler_errors.begin()
+        call = enter_call(payload)
         try:
             self._processor.process(codec.iprot, codec.oprot)
         except Exception:
@@ -170,6 +175,7 @@ class _Dispatcher:
             logger.exception("the processor raised")
             raise
         finally:
+            leave_call(call)
             _handler_errors.end()
         reply: bytes = out.getvalue()
         if caught and reply:

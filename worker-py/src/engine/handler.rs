@@ -23,7 +23,8 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Wraps the whole life of a pool thread; `body` returns when the engine winds down.
     /// The Python handler attaches to the interpreter once here, so a handler's thread-local
-    /// state (`threading.local`, e.g. a database connection) lives across calls.
+    /// state (`threading.local`, e.g. a database connection) lives across calls, and gives
+    /// the thread the name it has in Rust ([`super::pool_thread_name`]) in Python too.
     fn pool_thread(&self, body: &mut dyn FnMut()) {
         body();
     }

@@ -1,6 +1,7 @@
 //! The pool threads: `pool_size` threads that each take a call from the [`Queue`] (reading the
 //! connection themselves when nobody does), run it through the [`Handler`], and write its reply
-//! to the connection it came from.
+//! to the connection it came from. They are named `rpc_thrift-worker-<n>`
+//! ([`pool_thread_name`]).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ impl<H: Handler> Engine<H> {
             let log = Arc::clone(&self.log);
             let max_frame_size = self.config.max_frame_size;
             let spawned = std::thread::Builder::new()
-                .name(format!("rpc-worker-{index}"))
+                .name(pool_thread_name(index))
                 .spawn(move || {
                     handler
                         .pool_thread(&mut || pool_loop(&*handler, &queue, &*log, max_frame_size));
@@ -38,6 +39,13 @@ impl<H: Handler> Engine<H> {
         }
         threads
     }
+}
+
+/// The name of pool thread `index` (0-based), as the OS and [`std::thread::current`] see it;
+/// the Python handler gives Python's `threading` the same name. The kernel keeps only its
+/// first 15 bytes (`rpc_thrift-work`).
+pub fn pool_thread_name(index: usize) -> String {
+    format!("rpc_thrift-worker-{index}")
 }
 
 /// A pool thread: takes calls until the queue closes. Writing a reply and taking the next

@@ -26,7 +26,8 @@ impl LogSink for StderrLog {
 
 /// Echoes the call body back as a REPLY; a body starting with `s` sleeps 300 ms first,
 /// `f` fails, `n` writes nothing, `b` waits (up to 5 s) until two `b` calls run at once
-/// and fails if they never do, `h` raises [`HOLDING`] and sleeps 300 ms.
+/// and fails if they never do, `h` raises [`HOLDING`] and sleeps 300 ms, `t` replies with
+/// the name of the thread that ran it.
 struct TestHandler;
 
 /// Set by an `h` call once it runs (only one test sends them).
@@ -70,6 +71,16 @@ impl Handler for TestHandler {
             }
             Some(b'b') if !rendezvous() => {
                 return Outcome::Failed("alone".to_owned());
+            }
+            Some(b't') => {
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                let frame = encode_message(
+                    MessageType::Reply,
+                    request.name(),
+                    request.seqid(),
+                    name.as_bytes(),
+                );
+                return Outcome::Reply(frame[LENGTH_PREFIX..].to_vec());
             }
             _ => {}
         }
