@@ -273,16 +273,19 @@ pub async fn serve<R, W>(
             buf.reserve(8 * 1024);
         }
         // A peer that does not read its replies is not read either (its byte budget is
-        // full); that time is not held against its deadlines.
+        // full), nor is anyone while the process budget is full. The frame deadline still
+        // runs meanwhile, so partial frames cannot hold the budget; the idle clock restarts.
         if budget.is_full() {
+            let frame_deadline = clocks.frame_started.map(|at| at + settings.frame_timeout);
             tokio::select! {
                 () = budget.wait_room() => {}
                 _ = close.cancelled() => break Stop::Done,
                 _ = writer_gone.cancelled() => break Stop::Done,
+                () = sleep_until_some(frame_deadline), if frame_deadline.is_some() => {
+                    break Stop::FrameTimeout;
+                }
             }
-            let now = tokio::time::Instant::now();
-            clocks.last_read = now;
-            clocks.frame_started = clocks.frame_started.map(|_| now);
+            clocks.last_read = tokio::time::Instant::now();
         }
         let read = tokio::select! {
             read = reader.read_buf(&mut buf) => read,
@@ -341,10 +344,12 @@ pub async fn serve<R, W>(
                 break Stop::Done;
             }
         }
-        if partial.bytes() != buf.len() {
+        // The incomplete frame left is charged (the frame deadline bounds how long).
+        let pending = buf.len();
+        if partial.bytes() != pending {
             partial = Charge::none();
-            if !buf.is_empty() {
-                partial = budget.charge(buf.len());
+            if pending > 0 {
+                partial = budget.charge(pending);
             }
         }
         if !decoder.in_frame(&buf) {
@@ -556,6 +561,14 @@ async fn write_loop<W>(
         flow.wrote(frames);
     }
     let _ = writer.shutdown().await;
+}
+
+/// Sleeps until `deadline`; never without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn log_write_error(error: &rpc_mux::WriteError) {

@@ -191,7 +191,11 @@ where
                 break;
             }
             let want_read = self.reading && !stopping;
-            let full = want_read && self.budget.is_full();
+            // Answers waiting behind a slow call are bounded in number too. While the budget
+            // is full the frame deadline still runs, so partial frames cannot hold it.
+            let budget_full = want_read && self.budget.is_full();
+            let full = budget_full
+                || (want_read && self.inflight.len() >= 2 * self.settings.max_inflight.max(1));
             let can_read = want_read && !full;
             let idle = self
                 .settings
@@ -229,17 +233,14 @@ where
                         self.rbuf = BytesMut::new();
                     }
                 }
-                () = wait_room_if(&self.budget, full), if full => {
-                    // Time the proxy itself did not read is not held against a frame.
-                    let now = tokio::time::Instant::now();
-                    self.frame_started = self.frame_started.map(|_| now);
-                }
+                // (Too many answers waiting: the head's progress is what frees them.)
+                () = wait_room_if(&self.budget, budget_full), if budget_full => {}
                 _ = &mut cancelled, if !stopping => stopping = true,
                 _ = sleep_opt(idle), if can_read => {
                     tracing::debug!("idle client connection closed");
                     return;
                 }
-                _ = sleep_until_opt(frame_deadline), if can_read => {
+                _ = sleep_until_opt(frame_deadline), if want_read => {
                     // Stop reading; the replies owed are still written, then it closes.
                     tracing::debug!(
                         bytes = self.rbuf.len(),
@@ -324,8 +325,8 @@ where
         }
     }
 
-    /// Charges the incomplete frame left in the read buffer (it counts against the budget
-    /// like the calls it will become).
+    /// Charges the incomplete frame left in the read buffer (it counts against the budget like
+    /// the call it will become; the frame deadline bounds how long it may hold it).
     fn charge_partial_frame(&mut self) {
         let len = self.rbuf.len();
         if self.partial.bytes() != len {
@@ -341,7 +342,7 @@ where
     fn oversized(&mut self, over: &Oversized) {
         self.count_protocol_error();
         let reply = oversized_reply(over, self.settings.frame_limit());
-        self.inflight.push_back(ready(reply));
+        self.inflight.push_back(ready(&self.budget, reply));
     }
 
     /// An oversized frame's header is not all in: after one more look at what the socket
@@ -374,7 +375,8 @@ where
                 Err(e) => {
                     // The byte stream cannot be framed any more: answer once, then close.
                     self.count_protocol_error();
-                    self.inflight.push_back(ready(frame_error_reply(&e)));
+                    self.inflight
+                        .push_back(ready(&self.budget, frame_error_reply(&e)));
                     self.reading = false;
                     self.rbuf = BytesMut::new();
                     return;
@@ -392,26 +394,34 @@ where
                 let text = format!("malformed message header: {e}");
                 tracing::debug!(error = %e, "bad client header");
                 self.count_protocol_error();
-                return ready(Some(rpc_frame::application_exception(
-                    &name,
-                    seqid,
-                    ExceptionCode::ProtocolError,
-                    &text,
-                )));
+                return ready(
+                    &self.budget,
+                    Some(rpc_frame::application_exception(
+                        &name,
+                        seqid,
+                        ExceptionCode::ProtocolError,
+                        &text,
+                    )),
+                );
             }
         };
         let seqid = message.seqid();
         match message.message_type() {
             MessageType::Call | MessageType::Oneway => {}
-            MessageType::Heartbeat => return ready(Some(rpc_frame::ping_reply(seqid))),
+            MessageType::Heartbeat => {
+                return ready(&self.budget, Some(rpc_frame::ping_reply(seqid)));
+            }
             other => {
                 let text = format!("message type {} is not a call", other.as_u8());
                 self.count_protocol_error();
-                return ready(Some(error_frame(
-                    message.method(),
-                    seqid,
-                    &CallError::Protocol(text),
-                )));
+                return ready(
+                    &self.budget,
+                    Some(error_frame(
+                        message.method(),
+                        seqid,
+                        &CallError::Protocol(text),
+                    )),
+                );
             }
         }
         let oneway = message.message_type() == MessageType::Oneway;
@@ -421,9 +431,12 @@ where
                 message.name()
             );
             self.count_protocol_error();
-            return ready(reply_unless_oneway(oneway, || {
-                error_frame(message.name(), seqid, &CallError::Protocol(text))
-            }));
+            return ready(
+                &self.budget,
+                reply_unless_oneway(oneway, || {
+                    error_frame(message.name(), seqid, &CallError::Protocol(text))
+                }),
+            );
         }
         if self.inflight.len() >= self.settings.max_inflight {
             let (service, method) = message.service_and_method().unwrap_or_default();
@@ -434,9 +447,10 @@ where
                 method: method.to_owned(),
                 cause: "too many calls in flight on this connection",
             };
-            return ready(reply_unless_oneway(oneway, || {
-                error_frame(method, seqid, &error)
-            }));
+            return ready(
+                &self.budget,
+                reply_unless_oneway(oneway, || error_frame(method, seqid, &error)),
+            );
         }
         let started = Instant::now();
         Box::pin(call(
@@ -458,10 +472,12 @@ where
     }
 }
 
-fn ready(reply: Option<BytesMut>) -> ReplyFuture {
+/// An answer the proxy made itself (a pong, an error), ready at once, its bytes charged to
+/// `budget` until written.
+fn ready(budget: &Arc<ConnBudget>, reply: Option<BytesMut>) -> ReplyFuture {
     Box::pin(std::future::ready(reply.map(|bytes| Ready {
+        charge: budget.charge(bytes.len()),
         bytes,
-        charge: Charge::none(),
     })))
 }
 
@@ -574,7 +590,7 @@ async fn call(
     // Dropped unfinished (the client went away) it counts as `cancelled`.
     let guard = entry.calls.start_at(method, started);
     message.strip_service();
-    let forwarded = forward(&entry, method, message, oneway, client_seqid).await;
+    let forwarded = forward(&entry, method, message, oneway, client_seqid, started).await;
     drop(request);
     match forwarded {
         Ok(Some(reply)) => {
@@ -615,6 +631,7 @@ async fn forward(
     mut message: Message,
     oneway: bool,
     client_seqid: i32,
+    started: Instant,
 ) -> Result<Option<Message>, CallError> {
     let service = entry.name.as_str();
     let mut tried = Vec::new();
@@ -677,12 +694,18 @@ async fn forward(
         };
         // This wait has a deadline without a timer of its own: the upstream connection's
         // clock, which no blocked read or write can stop, fails the call at its deadline
-        // (`request_timeout_ms`, within a tick); a call still queued there is bounded by the
-        // connect timeout and handed back; when the drain grace is over the connection fails
-        // it with `Stopping` (UpstreamSettings::abort).
+        // (`request_timeout_ms`, within a tick); a call still queued there comes back unsent
+        // when the connection cannot connect (connect timeout) or has been stuck writing for
+        // a request timeout (`Close::Clogged`); when the drain grace is over the connection
+        // fails it with `Stopping` (UpstreamSettings::abort).
         match rx.await {
             Ok(Ok(reply)) => return Ok(Some(reply)),
             Ok(Err(Failure::NotSent(back))) => {
+                // Never written, but its time is spent (it waited behind a clogged
+                // connection): no other endpoint gets it.
+                if started.elapsed() >= endpoint.request_timeout() {
+                    return Err(upstream(UpstreamFailure::Timeout));
+                }
                 message = back;
                 tried.push(endpoint);
             }

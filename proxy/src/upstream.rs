@@ -175,6 +175,11 @@ impl Endpoint {
         })
     }
 
+    /// How long a call routed here may take (`request_timeout_ms`).
+    pub fn request_timeout(&self) -> Duration {
+        self.settings.request_timeout
+    }
+
     /// The endpoint's address.
     pub fn address(&self) -> &Address {
         &self.address
@@ -365,6 +370,8 @@ enum Close {
     Idle,
     /// The endpoint left ZooKeeper and its last call was answered.
     Drained,
+    /// A write the endpoint has not taken for a request timeout holds calls queued behind it.
+    Clogged,
 }
 
 /// FNV-1a of a method name: the reply check compares hashes, so no name is stored per call.
@@ -460,7 +467,17 @@ impl rpc_mux::Policy for UpstreamPolicy<'_> {
     }
 
     fn tick(&self, tick: &Tick) -> Result<(), Close> {
-        if tick.held > 0 || self.conn.queued_calls.load(Ordering::Relaxed) > 0 {
+        let queued = self.conn.queued_calls.load(Ordering::Relaxed) > 0;
+        if queued
+            && tick
+                .writing_for
+                .is_some_and(|w| w >= self.endpoint.settings.request_timeout)
+        {
+            // Calls queued behind a write the endpoint has not taken for a request timeout
+            // would outlive their deadline: close, so they come back for another endpoint.
+            return Err(Close::Clogged);
+        }
+        if tick.held > 0 || queued {
             return Ok(());
         }
         if self.endpoint.is_draining() {
@@ -494,7 +511,7 @@ impl rpc_mux::Policy for UpstreamPolicy<'_> {
 fn ended_failure(ending: Ending<Close>) -> UpstreamFailure {
     match ending {
         Ending::HeartbeatTimeout => UpstreamFailure::HeartbeatTimeout,
-        Ending::WriteStalled => UpstreamFailure::WriteTimeout,
+        Ending::WriteStalled | Ending::Policy(Close::Clogged) => UpstreamFailure::WriteTimeout,
         Ending::BadFrame => UpstreamFailure::BadReply,
         Ending::Stopped => UpstreamFailure::Stopping,
         Ending::Closed | Ending::QueueClosed | Ending::Policy(_) => UpstreamFailure::ConnectionLost,

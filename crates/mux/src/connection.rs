@@ -128,6 +128,10 @@ pub struct Tick {
     pub since_last_call: Duration,
     /// Calls written and not answered.
     pub held: usize,
+    /// How long the batch being written has taken so far; `None` when the writer is idle.
+    /// Calls queued behind a batch the peer does not take wait that long (the policy may
+    /// close the connection so they go elsewhere).
+    pub writing_for: Option<Duration>,
 }
 
 /// What differs between the users of a multiplexed connection (module docs). Called from the
@@ -200,6 +204,14 @@ pub trait Policy {
 /// Largest batch of small frames copied into one write.
 const COALESCE_LIMIT: usize = 64 * 1024;
 
+/// A piece of a batch, written in queue order.
+enum Segment {
+    /// Small frames copied together.
+    Copied(BytesMut),
+    /// A frame over [`COALESCE_LIMIT`], written from its own buffer.
+    Whole(Message),
+}
+
 /// State the three sides share (one task: the mutex is never contended).
 struct Shared<P> {
     held: Mutex<InFlight<P>>,
@@ -207,6 +219,8 @@ struct Shared<P> {
     epoch: tokio::time::Instant,
     last_rx_ms: AtomicU64,
     last_call_ms: AtomicU64,
+    /// When the batch being written began (ms since `epoch`, at least 1); 0 when none is.
+    writing_since_ms: AtomicU64,
     ping: Notify,
 }
 
@@ -241,6 +255,7 @@ where
         epoch: tokio::time::Instant::now(),
         last_rx_ms: AtomicU64::new(0),
         last_call_ms: AtomicU64::new(0),
+        writing_since_ms: AtomicU64::new(0),
         ping: Notify::new(),
     };
     let ending = tokio::select! {
@@ -310,7 +325,9 @@ where
                 }
                 let now = tokio::time::Instant::now().into_std();
                 shared.last_call_ms.store(shared.now_ms(), Ordering::Relaxed);
-                let mut large = Vec::new();
+                // In queue order: copied runs of small frames, and large frames written as
+                // they are (a STOP_CONFIRM never overtakes a call queued before it).
+                let mut segments = Vec::new();
                 let (mut calls, mut oneway) = (0, 0);
                 {
                     let mut held = shared.held();
@@ -338,8 +355,21 @@ where
                         if buf.len() + message.as_wire().len() <= COALESCE_LIMIT {
                             buf.extend_from_slice(message.as_wire());
                         } else {
-                            large.push(message);
+                            if !buf.is_empty() {
+                                segments.push(Segment::Copied(buf.split()));
+                            }
+                            segments.push(Segment::Whole(message));
                         }
+                    }
+                }
+                shared.writing_since_ms.store(shared.now_ms().max(1), Ordering::Relaxed);
+                for segment in &segments {
+                    let bytes = match segment {
+                        Segment::Copied(bytes) => &bytes[..],
+                        Segment::Whole(message) => message.as_wire(),
+                    };
+                    if let Err(e) = write_all(&mut writer, bytes, timeout).await {
+                        return ended(e);
                     }
                 }
                 if !buf.is_empty() {
@@ -348,11 +378,7 @@ where
                     }
                     buf.clear();
                 }
-                for message in large {
-                    if let Err(e) = write_all(&mut writer, message.as_wire(), timeout).await {
-                        return ended(e);
-                    }
-                }
+                shared.writing_since_ms.store(0, Ordering::Relaxed);
                 if buf.capacity() > 1 << 20 {
                     buf = BytesMut::new();
                 }
@@ -478,10 +504,13 @@ async fn clock<P: Policy>(
         }
         let held = shared.held().len();
         let since_call = now_ms.saturating_sub(shared.last_call_ms.load(Ordering::Relaxed));
+        let writing_since = shared.writing_since_ms.load(Ordering::Relaxed);
         let reading = Tick {
             age: Duration::from_millis(now_ms),
             since_last_call: Duration::from_millis(since_call),
             held,
+            writing_for: (writing_since > 0)
+                .then(|| Duration::from_millis(now_ms.saturating_sub(writing_since))),
         };
         if let Err(close) = policy.tick(&reading) {
             return Ending::Policy(close);
