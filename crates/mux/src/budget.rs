@@ -90,11 +90,6 @@ impl ProcessBudget {
     pub fn used(&self) -> usize {
         self.counter.used()
     }
-
-    /// The bound.
-    pub fn limit(&self) -> usize {
-        self.counter.limit
-    }
 }
 
 /// The bytes buffered for one connection, also counted against its [`ProcessBudget`].
@@ -116,11 +111,6 @@ impl ConnBudget {
     /// Bytes charged to this connection now.
     pub fn used(&self) -> usize {
         self.counter.used()
-    }
-
-    /// The bound in bytes.
-    pub fn limit(&self) -> usize {
-        self.counter.limit
     }
 
     /// Whether the connection or the process is at its bound: read nothing more from the
