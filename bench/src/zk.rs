@@ -154,5 +154,7 @@ fn endpoint_info(service: &str, frontend: &str) -> EndpointInfo {
         code_url_version: "bench".to_owned(),
         hostname: "localhost".to_owned(),
         start_time: rpc_registry::now_start_time(),
+        // A plain Thrift server: its exceptions carry no marks.
+        marks: 0,
     }
 }

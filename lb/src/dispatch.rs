@@ -7,13 +7,22 @@
 //! finished (answered by the worker, or lost with it). It never exceeds its capacity, and a
 //! call that timed out keeps its slot until the worker answers (a hung handler is not given
 //! more work).
+//!
+//! # Marks (CONTRACT section 9, "LB refusals and LB failures, marked")
+//! Every code-6 error the LB raises itself carries field 3, a [`Mark`]: [`Mark::Refused`]
+//! when no handler saw the call ([`Call::fail`]: a [`Reject`], a deadline spent in the
+//! queue), [`Mark::Failed`] when it failed after dispatch ([`ReplyTo::fail`] from the worker
+//! connections: the LB's timeout, a lost worker, a malformed reply; [`ReplyTo::reply`]: a
+//! reply dropped for the byte budget). A worker's own reply or exception passes through
+//! untouched, and so unmarked; so does the code-6 error for a worker reply over
+//! `max_frame_size` (the handler's doing, like its exceptions).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use rpc_frame::{ExceptionCode, Message};
+use rpc_frame::{ExceptionCode, Mark, Message};
 use rpc_mux::{Charge, ConnBudget};
 use tokio::sync::mpsc;
 
@@ -26,7 +35,7 @@ pub use crate::load::{Reject, WorkerId, WorkerLoad, WorkerStatus};
 /// A front connection's reply queue. Every frame queued holds its bytes against the
 /// connection's byte budget until written, so the connection stops reading a peer that does
 /// not read its replies ([`rpc_mux::ConnBudget`]); a reply that would go past the budget is
-/// replaced by a code-6 error.
+/// replaced by a code-6 error marked [`Mark::Failed`] ([`ReplyTo::reply`]).
 #[derive(Debug, Clone)]
 pub struct FrontTx {
     tx: mpsc::UnboundedSender<(BytesMut, Charge)>,
@@ -69,8 +78,9 @@ pub struct ReplyTo {
 }
 
 impl ReplyTo {
-    /// Sends a worker's reply with the proxy's seqid; when the front connection's byte budget
-    /// has no room for it, the caller gets a code-6 error instead.
+    /// Sends a worker's reply, as it is, with the proxy's seqid; when the front connection's
+    /// byte budget has no room for it, the caller gets a code-6 error marked
+    /// [`Mark::Failed`] instead (the handler ran; its answer is lost at the LB).
     pub fn reply(&self, mut message: Message) {
         message.set_seqid(self.seqid);
         let method = message.name().to_owned();
@@ -79,14 +89,16 @@ impl ReplyTo {
                 &method,
                 ExceptionCode::InternalError,
                 "reply dropped: the connection's buffer is full (max_connection_buffer_bytes or max_process_buffer_bytes)",
+                Some(Mark::Failed),
             );
         }
     }
 
-    /// Sends a `TApplicationException` for `method`.
-    pub fn fail(&self, method: &str, code: ExceptionCode, text: &str) {
-        self.tx.send(rpc_frame::application_exception(
-            method, self.seqid, code, text,
+    /// Sends a `TApplicationException` for `method`, with field 3 set to `mark` when there is
+    /// one (module docs: the LB's own refusals and failures are marked, nothing else).
+    pub fn fail(&self, method: &str, code: ExceptionCode, text: &str, mark: Option<Mark>) {
+        self.tx.send(rpc_frame::marked_application_exception(
+            method, self.seqid, code, text, mark,
         ));
     }
 }
@@ -108,12 +120,13 @@ pub struct Call {
 }
 
 impl Call {
-    /// Answers the caller with a code-6 error (no-op for ONEWAY, which is only logged) and
-    /// records `outcome`.
-    pub fn fail(self, service: &str, outcome: Outcome, text: &str) {
+    /// Answers the caller with a code-6 error marked `mark` (no-op for ONEWAY, which is only
+    /// logged) and records `outcome`. Its callers fail calls no worker got (a [`Reject`], a
+    /// deadline spent in the queue), with [`Mark::Refused`].
+    pub fn fail(self, service: &str, outcome: Outcome, text: &str, mark: Mark) {
         let method = self.message.name();
         match self.reply {
-            Some(reply) => reply.fail(method, ExceptionCode::InternalError, text),
+            Some(reply) => reply.fail(method, ExceptionCode::InternalError, text, Some(mark)),
             None => tracing::warn!(service, method, error = text, "oneway call failed"),
         }
         self.meter.finish(outcome);
@@ -392,11 +405,110 @@ fn drain_queue(state: &mut State) {
     }
 }
 
+/// Test helpers: calls whose answers are read back from their front connection's queue.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use rpc_frame::MessageType;
     use std::time::Duration;
+
+    /// A message as read off the wire.
+    pub(crate) fn message(kind: MessageType, name: &str, seqid: i32, body: &[u8]) -> Message {
+        let mut wire = rpc_frame::encode_message(kind, name, seqid, body);
+        let frame = rpc_frame::decode_frame(&mut wire, 1 << 20)
+            .unwrap()
+            .unwrap();
+        Message::parse(frame).unwrap()
+    }
+
+    /// A front connection's reply queue holding at most `limit` bytes of replies, and what
+    /// reads it.
+    pub(crate) fn front(limit: usize) -> (FrontTx, mpsc::UnboundedReceiver<(BytesMut, Charge)>) {
+        let process = rpc_mux::ProcessBudget::new(1 << 30);
+        FrontTx::channel(ConnBudget::new(&process, limit))
+    }
+
+    /// A CALL of `name` from the proxy's `seqid`, answered on `tx`.
+    pub(crate) fn call_from(tx: &FrontTx, name: &str, seqid: i32) -> Call {
+        Call {
+            message: message(MessageType::Call, name, seqid, &[0]),
+            reply: Some(ReplyTo {
+                tx: tx.clone(),
+                seqid,
+            }),
+            deadline: Instant::now() + Duration::from_secs(60),
+            meter: Meter::detached(),
+            request: Charge::none(),
+        }
+    }
+
+    /// The one frame queued for the proxy.
+    pub(crate) fn answer(rx: &mut mpsc::UnboundedReceiver<(BytesMut, Charge)>) -> Message {
+        let (mut wire, _) = rx.try_recv().expect("an answer is queued");
+        let frame = rpc_frame::decode_frame(&mut wire, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert!(rx.try_recv().is_err(), "one answer only");
+        Message::parse(frame).unwrap()
+    }
+
+    /// Asserts `m` is the LB's code-6 error with `text` and `mark`, for the proxy's `seqid`.
+    #[track_caller]
+    pub(crate) fn assert_error(m: &Message, seqid: i32, text: &str, mark: Option<Mark>) {
+        assert_eq!(m.message_type(), MessageType::Exception);
+        assert_eq!(m.seqid(), seqid);
+        assert_eq!(
+            rpc_frame::parse_application_exception(m.body()),
+            Some((ExceptionCode::InternalError as i32, text.to_owned()))
+        );
+        assert_eq!(rpc_frame::exception_mark(m.body()), mark, "{text}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{answer, assert_error, call_from, front, message};
+    use super::*;
+    use rpc_frame::MessageType;
+    use std::time::Duration;
+
+    #[test]
+    fn call_fail_answers_with_its_mark() {
+        let (tx, mut rx) = front(1 << 20);
+        call_from(&tx, "echo", 7).fail("svc", Outcome::NoWorker, "refused", Mark::Refused);
+        assert_error(&answer(&mut rx), 7, "refused", Some(Mark::Refused));
+        call_from(&tx, "echo", 8).fail("svc", Outcome::Timeout, "failed", Mark::Failed);
+        assert_error(&answer(&mut rx), 8, "failed", Some(Mark::Failed));
+    }
+
+    #[test]
+    fn reply_fail_is_unmarked_only_when_told() {
+        let (tx, mut rx) = front(1 << 20);
+        let to = ReplyTo { tx, seqid: 3 };
+        to.fail("echo", ExceptionCode::InternalError, "plain", None);
+        assert_error(&answer(&mut rx), 3, "plain", None);
+    }
+
+    #[test]
+    fn reply_dropped_for_the_byte_budget_is_marked_failed() {
+        let (tx, mut rx) = front(64);
+        let to = ReplyTo { tx, seqid: 5 };
+        // The worker's seqid is replaced by the proxy's.
+        to.reply(message(MessageType::Reply, "echo", 900, &[7; 100]));
+        assert_error(
+            &answer(&mut rx),
+            5,
+            "reply dropped: the connection's buffer is full (max_connection_buffer_bytes or max_process_buffer_bytes)",
+            Some(Mark::Failed),
+        );
+        // A reply that fits passes as the worker sent it.
+        to.reply(message(MessageType::Reply, "echo", 901, &[7; 4]));
+        let m = answer(&mut rx);
+        assert_eq!(
+            (m.message_type(), m.seqid(), m.body()),
+            (MessageType::Reply, 5, &[7; 4][..])
+        );
+    }
 
     fn call(deadline: Instant) -> Call {
         let mut wire = rpc_frame::encode_message(MessageType::Call, "echo", 1, &[0]);

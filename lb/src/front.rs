@@ -23,6 +23,12 @@
 //!   is the whole connection whenever its writer fails, whatever is still queued.
 //! - A request over `max_frame_size` is answered with code 7 and skipped without buffering
 //!   it; the calls pipelined before and behind it are served.
+//!
+//! # Errors the front answers itself
+//! - A call the dispatcher refuses ([`Reject`]: no worker, queue full, the LB stopping) gets
+//!   code 6 marked [`Mark::Refused`] (field 3 = 1, CONTRACT section 9): no handler saw it.
+//! - Protocol errors (a bad frame, a bad header, a message that is not a call, a request
+//!   over `max_frame_size`) get code 7, unmarked.
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -31,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
-use rpc_frame::{ExceptionCode, Message, MessageType};
+use rpc_frame::{ExceptionCode, Mark, Message, MessageType};
 use rpc_mux::{Charge, ConnBudget, Decoded, FrameDecoder, Oversized, ProcessBudget};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -125,11 +131,12 @@ pub fn reject_text(service: &str, method: &str, reject: Reject) -> String {
     }
 }
 
-/// Answers a call the dispatcher refused, and counts it.
+/// Answers a call the dispatcher refused with code 6 marked [`Mark::Refused`] (no worker got
+/// it), and counts it.
 pub fn reject(call: Call, reject: Reject, service: &str, metrics: &LbMetrics) {
     metrics.rejected(reject);
     let text = reject_text(service, call.message.name(), reject);
-    call.fail(service, Outcome::from(reject), &text);
+    call.fail(service, Outcome::from(reject), &text, Mark::Refused);
 }
 
 /// What the reader and the writer of one front connection share, for the idle timeout.
@@ -574,5 +581,116 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 fn log_write_error(error: &rpc_mux::WriteError) {
     if error.is_stall() {
         tracing::info!(%error, "front connection closed: the peer stopped reading its replies");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::testing::{answer, assert_error, call_from, front};
+
+    #[test]
+    fn every_refusal_is_marked_refused() {
+        let metrics = LbMetrics::new("svc");
+        let (tx, mut rx) = front(1 << 20);
+        // Each refusal as the dispatcher makes it (no queue at all).
+        let dispatcher = Dispatcher::new(0);
+        let no_worker = dispatcher.submit(call_from(&tx, "m", 1)).unwrap_err();
+        let (worker_tx, _worker_rx) = mpsc::unbounded_channel();
+        dispatcher.add_worker(worker_tx, 1, None);
+        dispatcher.submit(call_from(&tx, "m", 2)).unwrap();
+        let queue_full = dispatcher.submit(call_from(&tx, "m", 3)).unwrap_err();
+        let _ = dispatcher.stop_all();
+        let stopping = dispatcher.submit(call_from(&tx, "m", 4)).unwrap_err();
+        for (seqid, (call, refused), text) in [
+            (1, no_worker, "Worker FOR svc.m Not Found"),
+            (
+                3,
+                queue_full,
+                "Service: svc, Method: m, Error: every worker is busy and the queue is full",
+            ),
+            (
+                4,
+                stopping,
+                "Worker FOR svc.m Not Found: the LB is stopping",
+            ),
+        ] {
+            reject(call, refused, "svc", &metrics);
+            assert_error(&answer(&mut rx), seqid, text, Some(Mark::Refused));
+        }
+    }
+
+    #[test]
+    fn protocol_errors_are_code_7_unmarked_beside_a_marked_refusal() {
+        let settings = FrontSettings {
+            service: "svc".into(),
+            max_frame_size: 1024,
+            request_timeout: Duration::from_secs(5),
+            frame_timeout: FRAME_TIMEOUT,
+            idle_timeout: None,
+            write_timeout: Duration::from_secs(5),
+            max_buffer_bytes: 1 << 20,
+            process_budget: ProcessBudget::new(1 << 30),
+            metrics: Arc::new(LbMetrics::new("svc")),
+        };
+        let budget = ConnBudget::new(&settings.process_budget, settings.max_buffer_bytes);
+        let (tx, mut rx) = FrontTx::channel(budget.clone());
+        let dispatcher = Dispatcher::new(10);
+        let frames = Frames {
+            tx: &tx,
+            budget: &budget,
+            dispatcher: &dispatcher,
+            settings: &settings,
+            activity: &Activity::default(),
+            flow: &Flow::new(),
+        };
+        let mut buf = BytesMut::new();
+        // Not a call; a frame over max_frame_size; a call no worker can take; a bad version.
+        buf.extend_from_slice(&rpc_frame::encode_message(
+            MessageType::Reply,
+            "svc:m",
+            1,
+            &[0],
+        ));
+        buf.extend_from_slice(&rpc_frame::encode_message(
+            MessageType::Call,
+            "svc:m",
+            2,
+            &[0; 2000],
+        ));
+        buf.extend_from_slice(&rpc_frame::encode_message(
+            MessageType::Call,
+            "svc:m",
+            3,
+            &[0],
+        ));
+        let mut bad_version = rpc_frame::encode_message(MessageType::Call, "svc:m", 4, &[0]);
+        bad_version[4..8].copy_from_slice(&0x8002_0001u32.to_be_bytes());
+        buf.extend_from_slice(&bad_version);
+        let mut decoder = FrameDecoder::new(settings.frame_limit());
+        assert!(frames.take(&mut decoder, &mut buf));
+        let mut answers = Vec::new();
+        while let Ok((mut wire, _)) = rx.try_recv() {
+            let frame = rpc_frame::decode_frame(&mut wire, 1 << 20)
+                .unwrap()
+                .unwrap();
+            answers.push(Message::parse(frame).unwrap());
+        }
+        let seen: Vec<_> = answers
+            .iter()
+            .map(|m| {
+                let (code, _) = rpc_frame::parse_application_exception(m.body()).unwrap();
+                (m.seqid(), code, rpc_frame::exception_mark(m.body()))
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, ExceptionCode::ProtocolError as i32, None),
+                (2, ExceptionCode::ProtocolError as i32, None),
+                (3, ExceptionCode::InternalError as i32, Some(Mark::Refused)),
+                (4, ExceptionCode::ProtocolError as i32, None),
+            ]
+        );
     }
 }

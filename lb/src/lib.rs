@@ -25,9 +25,21 @@
 //! 2. Keep serving what proxies still send until the front has been quiet for a moment or
 //!    every proxy connection has closed.
 //! 3. Stop accepting proxies and workers; send every worker STOP_CONFIRM (nothing new is
-//!    coming); queued calls that no worker took get code 6.
+//!    coming); queued calls that no worker took get code 6 (marked refused, below).
 //! 4. Wait until every call in flight has its reply delivered.
 //! 5. Close the front connections and the admin endpoint; return.
+//!
+//! # Errors the LB raises itself (CONTRACT section 9)
+//! The node data announces `"marks": 1` ([`registration::MARKS`]), and every code-6
+//! `TApplicationException` the LB raises itself carries field 3 ([`rpc_frame::Mark`]):
+//! - `1` (refused, no handler saw the call): no worker, queue full, stopping, a deadline
+//!   spent in the queue ([`dispatch::Call::fail`], [`front::reject`]);
+//! - `2` (failed after dispatch): the LB's timeout, a lost worker, a malformed worker reply,
+//!   a reply dropped for the front connection's byte budget ([`workers`],
+//!   [`dispatch::ReplyTo::reply`]).
+//!
+//! Unmarked: code-7 protocol errors, the code-6 error for a worker reply over
+//! `max_frame_size`, and whatever a worker answers (its exceptions pass through untouched).
 
 pub mod address;
 pub mod admin;
@@ -72,7 +84,8 @@ pub struct LbRun {
     pub front: Listener,
     /// Bound back socket (workers).
     pub back: Listener,
-    /// The node data to register (frontend, deploy path, ...).
+    /// The node data to register (frontend, deploy path, ...); registered with `marks` set to
+    /// [`registration::MARKS`] whatever it says.
     pub info: EndpointInfo,
     /// The bound `admin_address` socket, if configured.
     pub admin: Option<AdminListener>,
@@ -263,13 +276,24 @@ async fn expire_queue(dispatcher: Arc<Dispatcher>, service: String) {
     loop {
         tick.tick().await;
         for call in dispatcher.expire_queue(Instant::now()) {
-            let text = format!(
-                "Service: {service}, Method: {}, Error: timeout, no worker was free within the request timeout",
-                call.message.name()
-            );
-            call.fail(&service, Outcome::QueueTimeout, &text);
+            queue_timeout(call, &service);
         }
     }
+}
+
+/// Fails a call whose deadline passed while it waited in the queue: no worker got it, so
+/// it is a refusal ([`rpc_frame::Mark::Refused`]).
+fn queue_timeout(call: dispatch::Call, service: &str) {
+    let text = format!(
+        "Service: {service}, Method: {}, Error: timeout, no worker was free within the request timeout",
+        call.message.name()
+    );
+    call.fail(
+        service,
+        Outcome::QueueTimeout,
+        &text,
+        rpc_frame::Mark::Refused,
+    );
 }
 
 // One task's whole wiring, passed once at start-up; a struct would only rename it.
@@ -350,5 +374,34 @@ async fn accept_workers(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::testing::{answer, assert_error, call_from, front};
+
+    #[test]
+    fn a_deadline_spent_in_the_queue_is_a_marked_refusal() {
+        let (tx, mut rx) = front(1 << 20);
+        let dispatcher = Dispatcher::new(10);
+        let (worker_tx, _worker_rx) = mpsc::unbounded_channel();
+        dispatcher.add_worker(worker_tx, 1, None);
+        dispatcher.submit(call_from(&tx, "m", 1)).unwrap();
+        let mut queued = call_from(&tx, "m", 2);
+        queued.deadline = Instant::now();
+        dispatcher.submit(queued).unwrap();
+        let expired = dispatcher.expire_queue(Instant::now() + Duration::from_millis(1));
+        assert_eq!(expired.len(), 1);
+        for call in expired {
+            queue_timeout(call, "svc");
+        }
+        assert_error(
+            &answer(&mut rx),
+            2,
+            "Service: svc, Method: m, Error: timeout, no worker was free within the request timeout",
+            Some(rpc_frame::Mark::Refused),
+        );
     }
 }

@@ -57,6 +57,7 @@ fn main() -> ExitCode {
         code_url_version: cli.code_url_version.clone(),
         hostname: rpc_lb::address::hostname(),
         start_time: rpc_registry::now_start_time(),
+        marks: rpc_lb::registration::MARKS,
     };
     startup::serve(
         "rpc_lb",

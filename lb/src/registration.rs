@@ -4,6 +4,10 @@
 //! [`rpc_registry::Registration`] (it registers again by itself); this task polls it so the
 //! registered state (`/healthz`, metrics) shows the gap. Sits between the worker events and
 //! ZooKeeper.
+//!
+//! The node data always announces `"marks": 1` ([`MARKS`], [`node_data`]): this LB marks the
+//! `TApplicationException`s it raises itself (CONTRACT section 9), and proxies trust those
+//! marks only from nodes that say so.
 
 use std::time::Duration;
 
@@ -16,6 +20,20 @@ use crate::metrics::RegistrationMetrics;
 /// How often a live registration is checked for a lost session.
 const SESSION_POLL: Duration = Duration::from_millis(250);
 
+/// The `marks` this LB announces in its node data: `1`, it adds field 3 to the
+/// `TApplicationException`s it raises itself (CONTRACT section 9, "LB refusals and LB
+/// failures, marked").
+pub const MARKS: u32 = 1;
+
+/// The node data registered for `info`: `info` with `marks` set to [`MARKS`], whatever it
+/// said (the marks are this crate's doing, not its caller's).
+pub fn node_data(info: EndpointInfo) -> EndpointInfo {
+    EndpointInfo {
+        marks: MARKS,
+        ..info
+    }
+}
+
 /// Handle to the registration task.
 #[derive(Debug)]
 pub struct Registrar {
@@ -25,7 +43,8 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    /// Starts the task; nothing is registered until [`Registrar::want`] says so.
+    /// Starts the task; nothing is registered until [`Registrar::want`] says so. The node
+    /// data is [`node_data`] of `info` (it announces the marks).
     pub fn spawn(
         settings: ZkSettings,
         product: String,
@@ -37,7 +56,7 @@ impl Registrar {
         let task = tokio::spawn(run(
             settings,
             product,
-            info,
+            node_data(info),
             want_rx,
             registered_tx,
             metrics,
@@ -159,5 +178,33 @@ async fn run(
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_data_announces_the_marks() {
+        let info = EndpointInfo {
+            service: "echo".into(),
+            service_id: "127_0_0_1_5550".into(),
+            frontend: "127.0.0.1:5550".into(),
+            ..Default::default()
+        };
+        let data = node_data(info.clone());
+        assert_eq!(data.marks, 1);
+        assert_eq!(
+            EndpointInfo {
+                marks: 0,
+                ..data.clone()
+            },
+            info,
+            "nothing else changes"
+        );
+        // What rpc_registry writes into the node.
+        let json = serde_json::to_string(&data).unwrap();
+        assert!(json.contains(r#""marks":1"#), "{json}");
     }
 }

@@ -17,6 +17,15 @@
 //! message closes it, and so does silence for `heartbeat_timeout`; it never held a call, so
 //! no call is lost.
 //!
+//! # What the caller of a call written to a worker gets
+//! The worker's reply or exception, as it is (a handler's exception carries no field 3).
+//! Otherwise a code-6 error of the LB's own, marked [`Mark::Failed`] (CONTRACT section 9: the
+//! handler may have run): the LB's timeout, the worker lost while holding the call, a reply
+//! whose header cannot be read. The exception is a reply over `max_frame_size`: its code-6
+//! error is unmarked, like a handler's exception (the same call fails the same way again).
+//! A call handed to a worker connection but never written goes back to the dispatcher, and
+//! its refusal there is marked [`Mark::Refused`] ([`resubmit`]).
+//!
 //! # Tracing a call to a worker
 //! Every call that reached a worker connection logs one `call done` line at debug level when
 //! its caller is answered (reply, exception, timeout, worker lost, bad reply): service,
@@ -30,7 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use rpc_frame::{ExceptionCode, Hello, Message, MessageType};
+use rpc_frame::{ExceptionCode, Hello, Mark, Message, MessageType};
 use rpc_metrics::Outcome as _;
 use rpc_mux::{Ending, Expiry, Failure, Outbound, Start, Tick};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -117,6 +126,30 @@ pub struct WorkerPolicy<'a> {
     events: &'a mpsc::UnboundedSender<WorkerEvent>,
 }
 
+impl<'a> WorkerPolicy<'a> {
+    /// The policy of back connection number `conn`, not yet a worker.
+    fn new(
+        conn: u64,
+        tx: &'a mpsc::UnboundedSender<ToWorker>,
+        dispatcher: &'a Arc<Dispatcher>,
+        settings: &'a WorkerSettings,
+        events: &'a mpsc::UnboundedSender<WorkerEvent>,
+    ) -> Self {
+        WorkerPolicy {
+            conn,
+            worker: OnceLock::new(),
+            pid: AtomicU32::new(0),
+            stopped: AtomicBool::new(false),
+            lost: AtomicUsize::new(0),
+            moved: AtomicUsize::new(0),
+            tx,
+            dispatcher,
+            settings,
+            events,
+        }
+    }
+}
+
 /// Serves one back connection until it closes. It joins the dispatcher only once it proved
 /// to be a worker (module docs). Calls it held fail at once; calls handed to it but never
 /// written go back to the dispatcher for another worker.
@@ -131,18 +164,13 @@ pub async fn serve<R, W>(
     W: AsyncWrite + Unpin,
 {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let policy = WorkerPolicy {
-        conn: CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1,
-        worker: OnceLock::new(),
-        pid: AtomicU32::new(0),
-        stopped: AtomicBool::new(false),
-        lost: AtomicUsize::new(0),
-        moved: AtomicUsize::new(0),
-        tx: &tx,
-        dispatcher: &dispatcher,
-        settings: &settings,
-        events: &events,
-    };
+    let policy = WorkerPolicy::new(
+        CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1,
+        &tx,
+        &dispatcher,
+        &settings,
+        &events,
+    );
     tracing::debug!(
         service = settings.service,
         conn = policy.conn,
@@ -319,9 +347,10 @@ impl WorkerPolicy<'_> {
         );
     }
 
-    /// Answers the caller of a held call with code 6 and records `outcome` (both only if the
-    /// caller was not answered yet: a timed-out call was).
-    fn fail(&self, pending: Pending, error: &str, outcome: Outcome) {
+    /// Answers the caller of a held call with code 6, field 3 set to `mark` when there is
+    /// one (module docs), and records `outcome` (both only if the caller was not answered
+    /// yet: a timed-out call was).
+    fn fail(&self, pending: Pending, error: &str, outcome: Outcome, mark: Option<Mark>) {
         if pending.reply.is_some() {
             self.log_call(&pending, outcome, None);
         }
@@ -330,7 +359,7 @@ impl WorkerPolicy<'_> {
                 "Service: {}, Method: {}, Error: {error}",
                 self.settings.service, pending.method
             );
-            reply.fail(&pending.method, ExceptionCode::InternalError, &text);
+            reply.fail(&pending.method, ExceptionCode::InternalError, &text, mark);
         }
         if let Some(meter) = pending.meter {
             meter.finish(outcome);
@@ -427,7 +456,12 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
                 "Service: {}, Method: {}, Error: timeout, the worker did not answer within the request timeout",
                 self.settings.service, pending.method
             );
-            reply.fail(&pending.method, ExceptionCode::InternalError, &text);
+            reply.fail(
+                &pending.method,
+                ExceptionCode::InternalError,
+                &text,
+                Some(Mark::Failed),
+            );
             if let Some(meter) = pending.meter.take() {
                 meter.finish(Outcome::Timeout);
             }
@@ -442,7 +476,7 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
                     self.lost.fetch_add(1, Ordering::Relaxed);
                 }
                 let error = format!("worker lost ({ending:?}) while running the call");
-                self.fail(pending, &error, Outcome::WorkerLost);
+                self.fail(pending, &error, Outcome::WorkerLost, Some(Mark::Failed));
             }
             Failure::ReplyTooLarge { len } => {
                 // The worker answered: its slot is free again.
@@ -453,7 +487,9 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
                     "the worker's reply of {len} bytes is over max_frame_size ({})",
                     self.settings.max_frame_size
                 );
-                self.fail(pending, &error, Outcome::Protocol);
+                // Unmarked: the handler answered, too large, as it will every time (like its
+                // own exception, not a fault of this worker or LB).
+                self.fail(pending, &error, Outcome::Protocol, None);
             }
             Failure::ReplyMalformed => {
                 if let Some(id) = self.id() {
@@ -463,10 +499,11 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
                     pending,
                     "malformed reply from the worker",
                     Outcome::Protocol,
+                    Some(Mark::Failed),
                 );
             }
             // Never dropped at expiry (`Expiry::Keep`).
-            Failure::Timeout => self.fail(pending, "timeout", Outcome::Timeout),
+            Failure::Timeout => self.fail(pending, "timeout", Outcome::Timeout, Some(Mark::Failed)),
         }
     }
 
@@ -540,7 +577,8 @@ fn millis(started: Instant) -> f64 {
     micros as f64 / 1000.0
 }
 
-/// Gives a call back to the dispatcher; if no worker can take it, fails it.
+/// Gives a call back to the dispatcher; if no worker can take it, fails it (a refusal,
+/// marked [`Mark::Refused`]: no worker got it).
 pub fn resubmit(dispatcher: &Dispatcher, settings: &WorkerSettings, call: Call) {
     if let Err((call, reject)) = dispatcher.submit(call) {
         crate::front::reject(call, reject, &settings.service, &settings.metrics);
@@ -562,5 +600,111 @@ fn log_hello(id: WorkerId, hello: &Hello, capacity: usize, settings: &WorkerSett
             ours = settings.service,
             "worker serves another service name"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::FrontTx;
+    use crate::dispatch::testing::{answer, assert_error, call_from, front};
+    use rpc_mux::Policy as _;
+
+    fn settings() -> WorkerSettings {
+        WorkerSettings {
+            service: "svc".into(),
+            default_capacity: 1,
+            max_capacity: 8,
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            max_frame_size: 1000,
+            metrics: Arc::new(LbMetrics::new("svc")),
+        }
+    }
+
+    /// Runs `check` with a policy of a connection that joined as a worker.
+    fn with_policy(check: impl FnOnce(&WorkerPolicy<'_>)) {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let dispatcher = Arc::new(Dispatcher::new(10));
+        let settings = settings();
+        let policy = WorkerPolicy::new(1, &tx, &dispatcher, &settings, &events);
+        policy.activate(1, "test");
+        check(&policy);
+    }
+
+    /// A call from the proxy's `seqid` as written to the worker: what the policy keeps.
+    fn pending(policy: &WorkerPolicy<'_>, tx: &FrontTx, seqid: i32) -> Pending {
+        let start = policy.start(call_from(tx, "m", seqid), Instant::now());
+        start.pending.expect("a call with a reply is held").1
+    }
+
+    #[test]
+    fn failures_after_dispatch_are_marked_failed() {
+        with_policy(|policy| {
+            let (tx, mut rx) = front(1 << 20);
+            let mut timed_out = pending(policy, &tx, 1);
+            assert_eq!(policy.expired(&mut timed_out), Expiry::Keep);
+            assert_error(
+                &answer(&mut rx),
+                1,
+                "Service: svc, Method: m, Error: timeout, the worker did not answer within the request timeout",
+                Some(Mark::Failed),
+            );
+            // The late end of a call already answered adds nothing.
+            policy.failed(timed_out, Failure::Ended(Ending::Closed));
+            assert!(rx.try_recv().is_err());
+
+            let cases = [
+                (
+                    Failure::Ended(Ending::HeartbeatTimeout),
+                    "Service: svc, Method: m, Error: worker lost (HeartbeatTimeout) while running the call",
+                ),
+                (Failure::Timeout, "Service: svc, Method: m, Error: timeout"),
+                (
+                    Failure::ReplyMalformed,
+                    "Service: svc, Method: m, Error: malformed reply from the worker",
+                ),
+            ];
+            for (seqid, (failure, text)) in (2..).zip(cases) {
+                policy.failed(pending(policy, &tx, seqid), failure);
+                assert_error(&answer(&mut rx), seqid, text, Some(Mark::Failed));
+            }
+        });
+    }
+
+    #[test]
+    fn a_reply_over_max_frame_size_and_a_handlers_exception_are_unmarked() {
+        with_policy(|policy| {
+            let (tx, mut rx) = front(1 << 20);
+            policy.failed(
+                pending(policy, &tx, 1),
+                Failure::ReplyTooLarge { len: 5000 },
+            );
+            assert_error(
+                &answer(&mut rx),
+                1,
+                "Service: svc, Method: m, Error: the worker's reply of 5000 bytes is over max_frame_size (1000)",
+                None,
+            );
+
+            // The handler's own exception passes as it is, but for the proxy's seqid.
+            let mut wire = rpc_frame::application_exception(
+                "m",
+                77,
+                ExceptionCode::InternalError,
+                "KeyError: 'x'",
+            );
+            let frame = rpc_frame::decode_frame(&mut wire, 1 << 20)
+                .unwrap()
+                .unwrap();
+            let raised = Message::parse(frame).unwrap();
+            let body = raised.body().to_vec();
+            policy.reply(pending(policy, &tx, 2), raised);
+            let passed = answer(&mut rx);
+            assert_eq!(passed.body(), &body[..], "untouched");
+            assert_error(&passed, 2, "KeyError: 'x'", None);
+        });
     }
 }

@@ -3,8 +3,9 @@
 //! [`Dispatcher`]; the tests play the proxy, scripted fake workers and abusive peers with
 //! raw frames. Covers: a back connection takes calls only once it proved to be a worker
 //! (HELLO or ping echo), frame-completion and idle deadlines on the front, and code-7 replies
-//! to bad headers carrying the caller's seqid, and what traces a call to its worker (pids
-//! from HELLO, the per-call debug line).
+//! to bad headers carrying the caller's seqid, what traces a call to its worker (pids
+//! from HELLO, the per-call debug line), and field 3 on the wire: the LB's own refusals and
+//! failures marked, protocol errors and a handler's exceptions not.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rpc_frame::{ExceptionCode, Hello, Message, MessageType};
+use rpc_frame::{ExceptionCode, Hello, Mark, Message, MessageType};
 use rpc_lb::dispatch::Dispatcher;
 use rpc_lb::front::{self, Activity, FrontSettings};
 use rpc_lb::metrics::LbMetrics;
@@ -137,8 +138,8 @@ impl Lb {
     }
 
     /// A well-behaved worker: HELLO with `pool_size` (pid [`WORKER_PID`]), echoes pings,
-    /// answers every call with its body (`slow` after 2 s). Returns the count of calls it
-    /// answered.
+    /// answers every call with its body (`slow` after 2 s; `raise` with the handler's
+    /// exception, [`RAISED`]). Returns the count of calls it answered.
     async fn worker(&self, pool_size: i32) -> Arc<AtomicUsize> {
         let before = self.dispatcher.active_workers();
         let peer = self.back();
@@ -162,6 +163,9 @@ impl Drop for Lb {
 /// The pid in the HELLO of [`Lb::worker`]'s workers.
 const WORKER_PID: i32 = 4242;
 
+/// The message of the code-6 exception the handler of `raise` raises.
+const RAISED: &str = "raised by the handler";
+
 async fn run_worker(peer: Peer, pool_size: i32, served: Arc<AtomicUsize>) {
     let (mut reader, mut writer) = peer.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<BytesMut>();
@@ -184,12 +188,21 @@ async fn run_worker(peer: Peer, pool_size: i32, served: Arc<AtomicUsize>) {
                 let _ = tx.send(message.into_wire());
             }
             MessageType::Call => {
-                let reply = rpc_frame::encode_message(
-                    MessageType::Reply,
-                    message.name(),
-                    message.seqid(),
-                    message.body(),
-                );
+                let reply = if message.name() == "raise" {
+                    rpc_frame::application_exception(
+                        message.name(),
+                        message.seqid(),
+                        ExceptionCode::InternalError,
+                        RAISED,
+                    )
+                } else {
+                    rpc_frame::encode_message(
+                        MessageType::Reply,
+                        message.name(),
+                        message.seqid(),
+                        message.body(),
+                    )
+                };
                 let delay = if message.name() == "slow" {
                     Duration::from_secs(2)
                 } else {
@@ -417,6 +430,11 @@ async fn new_back_connection_is_pinged_at_once_and_takes_calls_only_after_its_ec
     let (code, text) = rpc_frame::parse_application_exception(refused.body()).unwrap();
     assert_eq!(code, ExceptionCode::InternalError as i32, "{text}");
     assert!(text.starts_with("Worker FOR echo.echo Not Found"), "{text}");
+    assert_eq!(
+        rpc_frame::exception_mark(refused.body()),
+        Some(Mark::Refused),
+        "{text}"
+    );
 
     // An old worker: no HELLO, it only echoes.
     peer.send(ping.as_wire()).await;
@@ -751,9 +769,113 @@ async fn code_7_reply_to_a_bad_header_carries_the_callers_seqid() {
         assert_eq!(reply.seqid(), seqid, "{what}: {}", describe(&reply));
         let (code, text) = rpc_frame::parse_application_exception(reply.body()).unwrap();
         assert_eq!(code, ExceptionCode::ProtocolError as i32, "{what}: {text}");
+        assert_eq!(
+            rpc_frame::exception_mark(reply.body()),
+            None,
+            "{what}: a protocol error is not marked"
+        );
     }
     // The connection goes on serving.
     assert_reply(&peer.call("echo:echo", 40, b"ok").await, 40, b"ok");
+}
+
+// === field 3: the LB's own refusals and failures, marked ===
+
+/// The code, message and mark of an exception from the LB; panics on anything else.
+#[track_caller]
+fn exception(m: &Message) -> (i32, String, Option<Mark>) {
+    assert_eq!(m.message_type(), MessageType::Exception, "{}", describe(m));
+    let (code, text) = rpc_frame::parse_application_exception(m.body())
+        .unwrap_or_else(|| panic!("not a TApplicationException: {}", describe(m)));
+    (code, text, rpc_frame::exception_mark(m.body()))
+}
+
+/// Asserts `m` is a code-6 exception for `seqid` carrying `mark`, its text containing `needle`.
+#[track_caller]
+fn assert_marked(m: &Message, seqid: i32, mark: Option<Mark>, needle: &str) {
+    let (code, text, got) = exception(m);
+    assert_eq!(
+        (m.seqid(), code, got),
+        (seqid, ExceptionCode::InternalError as i32, mark),
+        "{text}"
+    );
+    assert!(text.contains(needle), "{text}");
+}
+
+#[tokio::test]
+async fn the_lbs_refusals_and_failures_are_marked_on_the_wire_a_handlers_exception_is_not() {
+    const CODE_6: i32 = ExceptionCode::InternalError as i32;
+    let mut lb = Lb::new(Timings {
+        request_timeout: Duration::from_millis(500),
+        ..Timings::default()
+    });
+    // No queue: a call finding its only worker busy is refused at once.
+    lb.dispatcher = Arc::new(Dispatcher::new(0));
+    let dispatcher = lb.dispatcher.clone();
+    let mut front = lb.front();
+
+    // No worker: refused.
+    let (code, text, mark) = exception(&front.call("echo:echo", 1, b"x").await);
+    assert_eq!((code, mark), (CODE_6, Some(Mark::Refused)), "{text}");
+
+    // A worker lost holding the call: failed after dispatch.
+    let mut dying = lb.back();
+    let hello = Hello {
+        pool_size: 1,
+        pid: 31337,
+        service: "echo".into(),
+    };
+    dying.send(&hello.encode()).await;
+    wait_until(RECV, "the dying worker joins", || {
+        dispatcher.active_workers() == 1
+    })
+    .await;
+    front.send_call("echo:echo", 2, b"x").await;
+    while dying.recv().await.message_type() != MessageType::Call {}
+    drop(dying);
+    let lost = front.recv().await;
+    assert_marked(&lost, 2, Some(Mark::Failed), "worker lost");
+    wait_until(RECV, "the dying worker is gone", || {
+        dispatcher.active_workers() == 0
+    })
+    .await;
+
+    // The handler's own exception passes unmarked.
+    lb.worker(1).await;
+    let raised = front.call("echo:raise", 3, b"x").await;
+    assert_eq!(raised.seqid(), 3);
+    assert_eq!(exception(&raised), (CODE_6, RAISED.to_owned(), None));
+
+    // The only worker busy and no queue: refused at once; the busy call then gets the LB's
+    // timeout, failed after dispatch.
+    front.send_call("echo:slow", 4, b"x").await;
+    front.send_call("echo:echo", 5, b"x").await;
+    let full = front.recv().await;
+    assert_marked(&full, 5, Some(Mark::Refused), "queue is full");
+    let timeout = front.recv().await;
+    assert_marked(&timeout, 4, Some(Mark::Failed), "timeout");
+
+    // A protocol error: code 7, unmarked.
+    front
+        .send(&rpc_frame::encode_message(
+            MessageType::Reply,
+            "echo:echo",
+            6,
+            b"x",
+        ))
+        .await;
+    let (code, text, mark) = exception(&front.recv().await);
+    assert_eq!(
+        (code, mark),
+        (ExceptionCode::ProtocolError as i32, None),
+        "{text}"
+    );
+
+    // Stopping: refused.
+    let _ = dispatcher.stop_all();
+    let (code, text, mark) = exception(&front.call("echo:echo", 7, b"x").await);
+    assert_eq!((code, mark), (CODE_6, Some(Mark::Refused)), "{text}");
+    assert!(text.contains("stopping"), "{text}");
 }
 
 // === tracing a call to its worker ===

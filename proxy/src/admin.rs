@@ -84,7 +84,7 @@ pub fn snapshot(router: &Router) -> Snapshot {
 }
 
 /// The `/status` document: health, ZooKeeper, and the routing table with each endpoint's
-/// state and calls outstanding.
+/// state, calls outstanding and outlier counts, and each service's retries and ejections.
 pub fn status(router: &Router, shutdown: &CancellationToken) -> serde_json::Value {
     let metrics = router.metrics();
     let services: Vec<_> = router
@@ -100,15 +100,26 @@ pub fn status(router: &Router, shutdown: &CancellationToken) -> serde_json::Valu
                         "address": e.label(),
                         "state": e.state(),
                         "outstanding": e.outstanding(),
+                        "marks": e.marks(),
+                        "consecutive_failures": e.outlier().consecutive_failures(),
+                        "ejections": e.outlier().ejections(),
                     })
                 })
                 .collect();
+            let health = service.health.metrics();
             json!({
                 "name": service.name,
                 "endpoints": endpoints,
                 "inflight": service.calls.inflight(),
                 "calls": totals.calls,
                 "errors": totals.errors,
+                "ejected": service.health.ejected(),
+                "ejections": health.ejections_consecutive.get() + health.ejections_failed_probe.get(),
+                "retries": {
+                    "not_sent": health.retries_not_sent.get(),
+                    "refused": health.retries_refused.get(),
+                },
+                "retry_budget_exhausted": health.budget_exhausted.get(),
             })
         })
         .collect();
@@ -191,7 +202,13 @@ mod tests {
         assert_eq!(doc["services"][0]["calls"], 1);
         assert_eq!(
             doc["services"][0]["endpoints"][0],
-            json!({"address": "127.0.0.1:1", "state": "idle", "outstanding": 0})
+            json!({"address": "127.0.0.1:1", "state": "idle", "outstanding": 0,
+                "marks": false, "consecutive_failures": 0, "ejections": 0})
+        );
+        assert_eq!(doc["services"][0]["ejected"], 0);
+        assert_eq!(
+            doc["services"][0]["retries"],
+            json!({"not_sent": 0, "refused": 0})
         );
         let (code, text) = get(&routes, "/metrics").await;
         assert_eq!(code, 200);
@@ -201,6 +218,10 @@ mod tests {
             r#"rpc_proxy_requests_total{method="echo",outcome="ok",service="echo"} 1"#,
             "rpc_proxy_services 1",
             "rpc_proxy_routing_table_synced 1",
+            r#"rpc_proxy_retries_total{reason="refused",service="echo"} 0"#,
+            r#"rpc_proxy_retry_budget_exhausted_total{service="echo"} 0"#,
+            r#"rpc_proxy_ejections_total{reason="consecutive_failures",service="echo"} 0"#,
+            r#"rpc_proxy_ejected_endpoints{service="echo"} 0"#,
             "process_open_fds",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use rpc_frame::{ExceptionCode, FrameError, Message, MessageType};
+use rpc_frame::{ExceptionCode, FrameError, Mark, Message, MessageType};
 use rpc_mux::{Charge, ConnBudget, Decoded, FrameDecoder, Oversized, ProcessBudget};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -40,8 +40,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{CallError, UpstreamFailure};
 use crate::metrics::{Outcome, UNKNOWN};
-use crate::route::{Lookup, NoPick, Router, Service};
-use crate::upstream::{Failure, Outgoing, Refused};
+use crate::resilience::{RetryReason, Verdict};
+use crate::route::{Lookup, NoPick, Pick, Router, Service};
+use crate::upstream::{Endpoint, Failure, Outgoing, Refused};
 
 /// Per-connection limits and timeouts.
 #[derive(Debug, Clone)]
@@ -590,7 +591,16 @@ async fn call(
     // Dropped unfinished (the client went away) it counts as `cancelled`.
     let guard = entry.calls.start_at(method, started);
     message.strip_service();
-    let forwarded = forward(&entry, method, message, oneway, client_seqid, started).await;
+    let forwarded = forward(
+        &entry,
+        method,
+        message,
+        oneway,
+        client_seqid,
+        started,
+        &budget,
+    )
+    .await;
     drop(request);
     match forwarded {
         Ok(Some(reply)) => {
@@ -623,32 +633,66 @@ async fn call(
     }
 }
 
-/// Sends a call (`service:` stripped) to an endpoint of `entry`, trying another endpoint when
-/// it was never written; returns the reply (`None` for ONEWAY, once queued).
+/// Sends a call (`service:` stripped) to an endpoint of `entry` and waits for its answer
+/// (`None` for ONEWAY, once queued).
+///
+/// A call that provably never reached a handler goes to another endpoint: one never written,
+/// and one an LB that announces marks refused before dispatch (field 3 = 1). Such a retry is
+/// made at most once per endpoint, never past the call's deadline, and only within the
+/// service's retry budget; otherwise the caller gets the last answer (the LB's refusal as it
+/// sent it). Every attempt's verdict feeds the endpoint's outlier state.
 async fn forward(
     entry: &Service,
     method: &str,
-    mut message: Message,
+    message: Message,
     oneway: bool,
     client_seqid: i32,
     started: Instant,
+    budget: &Arc<ConnBudget>,
 ) -> Result<Option<Message>, CallError> {
     let service = entry.name.as_str();
-    let mut tried = Vec::new();
-    for _ in 0..MAX_ATTEMPTS {
-        let endpoint = match entry.pick(&tried) {
-            Ok(e) => e,
+    let health = &entry.health;
+    health.deposit(started);
+    let mut message = message;
+    let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+    // Why the next attempt is a retry, and what the caller gets if it is not made.
+    let mut retry: Option<(RetryReason, Result<Option<Message>, CallError>)> = None;
+    loop {
+        if let Some((reason, answer)) = retry.take() {
+            let timeout = tried
+                .first()
+                .map_or(Duration::ZERO, |e| e.request_timeout());
+            if started.elapsed() >= timeout {
+                // Its time is spent (it waited behind a clogged connection, or for a refusal):
+                // no other endpoint gets it.
+                return match answer {
+                    Ok(refusal) => Ok(refusal),
+                    Err(_) => Err(upstream_error(
+                        entry,
+                        method,
+                        &tried,
+                        UpstreamFailure::Timeout,
+                    )),
+                };
+            }
+            if tried.len() >= MAX_ATTEMPTS.min(entry.endpoints.len()) || !health.try_retry(reason) {
+                return answer;
+            }
+        }
+        let Pick { endpoint, probe } = match entry.pick(&tried) {
+            Ok(pick) => pick,
             Err(NoPick::Empty) if tried.is_empty() => {
                 return Err(no_endpoint(service, method, ""));
             }
-            Err(_) => {
-                return Err(no_endpoint(
-                    service,
-                    method,
-                    ": every endpoint is unreachable",
-                ));
-            }
+            Err(_) => return Err(unreachable(service, method)),
         };
+        // Kept to send again if the endpoint refuses it, when a retry is possible at all.
+        let copy = (!oneway
+            && endpoint.marks()
+            && health.may_retry()
+            && tried.len() + 1 < MAX_ATTEMPTS.min(entry.endpoints.len()))
+        .then(|| copy_request(&message, budget))
+        .flatten();
         let (tx, rx) = if oneway {
             (None, None)
         } else {
@@ -659,12 +703,14 @@ async fn forward(
             message,
             reply: tx,
             client_seqid,
+            deadline: started + endpoint.request_timeout(),
         };
         match endpoint.send(out) {
             Ok(()) => {}
             Err(Refused::Backoff(out)) => {
                 message = out.message;
                 tried.push(endpoint);
+                retry = Some((RetryReason::NotSent, Err(unreachable(service, method))));
                 continue;
             }
             Err(Refused::Stopping(_)) => {
@@ -686,38 +732,108 @@ async fn forward(
         let Some(rx) = rx else {
             return Ok(None);
         };
+        // This wait has a deadline without a timer of its own: the upstream connection's
+        // clock, which no blocked read or write can stop, fails the call at its deadline
+        // (`request_timeout_ms` from its arrival, within a tick); a call still queued there
+        // comes back unsent when the connection cannot connect (connect timeout) or has been
+        // stuck writing for a request timeout (`Close::Clogged`); when the drain grace is over
+        // the connection fails it with `Stopping` (UpstreamSettings::abort).
+        let answer = rx.await;
         let upstream = |cause| CallError::Upstream {
             service: service.to_owned(),
             method: method.to_owned(),
             endpoint: endpoint.label().to_owned(),
             cause,
         };
-        // This wait has a deadline without a timer of its own: the upstream connection's
-        // clock, which no blocked read or write can stop, fails the call at its deadline
-        // (`request_timeout_ms`, within a tick); a call still queued there comes back unsent
-        // when the connection cannot connect (connect timeout) or has been stuck writing for
-        // a request timeout (`Close::Clogged`); when the drain grace is over the connection
-        // fails it with `Stopping` (UpstreamSettings::abort).
-        match rx.await {
-            Ok(Ok(reply)) => return Ok(Some(reply)),
-            Ok(Err(Failure::NotSent(back))) => {
-                // Never written, but its time is spent (it waited behind a clogged
-                // connection): no other endpoint gets it.
-                if started.elapsed() >= endpoint.request_timeout() {
-                    return Err(upstream(UpstreamFailure::Timeout));
+        match answer {
+            Ok(Ok(reply)) => {
+                let mark = mark_of(&endpoint, &reply);
+                let verdict = if mark.is_some() {
+                    Verdict::Failed
+                } else {
+                    Verdict::Answered
+                };
+                endpoint.record(verdict, probe);
+                match (mark, copy) {
+                    (Some(Mark::Refused), Some((request, _charge))) => {
+                        message = request;
+                        tried.push(endpoint);
+                        retry = Some((RetryReason::Refused, Ok(Some(reply))));
+                    }
+                    _ => return Ok(Some(reply)),
+                }
+            }
+            Ok(Err(Failure::NotSent {
+                message: back,
+                endpoint_failed,
+            })) => {
+                if endpoint_failed {
+                    endpoint.record(Verdict::Failed, probe);
                 }
                 message = back;
                 tried.push(endpoint);
+                retry = Some((RetryReason::NotSent, Err(unreachable(service, method))));
             }
-            Ok(Err(Failure::Failed(cause))) => return Err(upstream(cause)),
-            Err(_) => return Err(upstream(UpstreamFailure::ConnectionLost)),
+            Ok(Err(Failure::Failed(cause))) => {
+                if let Some(verdict) = cause.verdict() {
+                    endpoint.record(verdict, probe);
+                }
+                return Err(upstream(cause));
+            }
+            Err(_) => {
+                endpoint.record(Verdict::Failed, probe);
+                return Err(upstream(UpstreamFailure::ConnectionLost));
+            }
         }
     }
-    Err(no_endpoint(
-        service,
-        method,
-        ": every endpoint is unreachable",
-    ))
+}
+
+/// Frames above this size are copied for a retry only when the connection's byte budget has
+/// room, and the copy is charged to it.
+const UNCHARGED_COPY: usize = 64 * 1024;
+
+/// A copy of a request, to send again if an LB refuses it before dispatch, with the bytes it
+/// holds of the connection's budget; `None` when a large copy would not fit.
+fn copy_request(message: &Message, budget: &Arc<ConnBudget>) -> Option<(Message, Charge)> {
+    let len = message.as_wire().len();
+    if len <= UNCHARGED_COPY {
+        return Some((message.clone(), Charge::none()));
+    }
+    if budget.is_full() {
+        return None;
+    }
+    Some((message.clone(), budget.charge(len)))
+}
+
+/// The mark of an exception an LB raised itself; `None` for replies, unmarked exceptions,
+/// and every exception of an endpoint that does not announce marks (a Go LB, a plain server).
+fn mark_of(endpoint: &Endpoint, reply: &Message) -> Option<Mark> {
+    if reply.message_type() != MessageType::Exception || !endpoint.marks() {
+        return None;
+    }
+    rpc_frame::exception_mark(reply.body())
+}
+
+/// The error of a call whose time ran out between attempts, naming the last endpoint tried.
+fn upstream_error(
+    entry: &Service,
+    method: &str,
+    tried: &[Arc<Endpoint>],
+    cause: UpstreamFailure,
+) -> CallError {
+    CallError::Upstream {
+        service: entry.name.clone(),
+        method: method.to_owned(),
+        endpoint: tried
+            .last()
+            .map(|e| e.label().to_owned())
+            .unwrap_or_default(),
+        cause,
+    }
+}
+
+fn unreachable(service: &str, method: &str) -> CallError {
+    no_endpoint(service, method, ": every endpoint is unreachable")
 }
 
 fn no_endpoint(service: &str, method: &str, detail: &str) -> CallError {

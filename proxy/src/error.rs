@@ -3,6 +3,8 @@
 
 use rpc_frame::ExceptionCode;
 
+use crate::resilience::Verdict;
+
 /// A call that will not get its upstream reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
@@ -76,6 +78,24 @@ pub enum UpstreamFailure {
     /// The reply was larger than `max_frame_size` (skipped; the connection goes on).
     #[error("reply larger than max_frame_size")]
     ReplyTooLarge,
+}
+
+impl UpstreamFailure {
+    /// What the failure says about the endpoint, for outlier ejection (CONTRACT section 9):
+    /// a counted failure, an answer (a reply too large is the handler's doing), or nothing
+    /// (the proxy is stopping).
+    pub fn verdict(self) -> Option<Verdict> {
+        match self {
+            UpstreamFailure::Timeout
+            | UpstreamFailure::ConnectionLost
+            | UpstreamFailure::HeartbeatTimeout
+            | UpstreamFailure::BadReply
+            | UpstreamFailure::ConnectFailed
+            | UpstreamFailure::WriteTimeout => Some(Verdict::Failed),
+            UpstreamFailure::ReplyTooLarge => Some(Verdict::Answered),
+            UpstreamFailure::Stopping => None,
+        }
+    }
 }
 
 impl CallError {

@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`connection`]: one client connection; pipelined calls, replies in request order.
 //! - [`route`]: the routing table fed by discovery; endpoint choice.
+//! - [`resilience`]: outlier ejection per endpoint and the retry budget per service.
 //! - [`upstream`]: an endpoint's multiplexed connections (seqid rewrite, heartbeats,
 //!   timeouts, backoff, drain).
 //! - [`error`]: call failures and the exception each becomes.
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod connection;
 pub mod error;
 pub mod metrics;
+pub mod resilience;
 pub mod route;
 pub mod status;
 pub mod upstream;
@@ -61,6 +63,7 @@ pub fn upstream_settings(config: &ProxyConfig) -> UpstreamSettings {
         max_frame_size: config.common.max_frame_size,
         write_timeout: config.common.write_timeout,
         max_queued_bytes: config.common.max_connection_buffer_bytes,
+        resilience: config.resilience,
         abort: Arc::default(),
     }
 }

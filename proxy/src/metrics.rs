@@ -7,11 +7,12 @@
 
 use std::sync::Mutex;
 
-use prometheus::{IntCounter, IntGauge, IntGaugeVec, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use rpc_metrics::{self as m, CallMetrics};
 use rpc_registry::SessionState;
 
 use crate::error::{CallError, UpstreamFailure};
+use crate::resilience::HealthMetrics;
 
 /// Metric name prefix.
 pub const PREFIX: &str = "rpc_proxy";
@@ -21,7 +22,7 @@ pub const PREFIX: &str = "rpc_proxy";
 pub const UNKNOWN: &str = "unknown";
 
 /// The endpoint states counted by `rpc_proxy_upstream_endpoints`.
-pub const ENDPOINT_STATES: [&str; 3] = ["connected", "idle", "backoff"];
+pub const ENDPOINT_STATES: [&str; 4] = ["connected", "idle", "backoff", "ejected"];
 
 /// Per-service call handles of the proxy.
 pub type ServiceCalls = rpc_metrics::ServiceCalls<Outcome>;
@@ -161,6 +162,10 @@ pub struct Metrics {
     zk_state: IntGaugeVec,
     zk_reconnects: IntCounter,
     zk_expiries: IntCounter,
+    retries: IntCounterVec,
+    budget_exhausted: IntCounterVec,
+    ejections: IntCounterVec,
+    ejected: IntGaugeVec,
     zk: Mutex<ZkTracker>,
     /// Scrapes one at a time: each rewrites the table-derived gauges.
     scrape: Mutex<()>,
@@ -201,7 +206,7 @@ impl Metrics {
             endpoints: m::gauge_vec(
                 &registry,
                 "rpc_proxy_upstream_endpoints",
-                "Endpoints routed to, by service and state (connected, idle: no connection open, backoff: reconnect backoff).",
+                "Endpoints routed to, by service and state (connected, idle: no connection open, backoff: reconnect backoff, ejected: outlier ejection).",
                 &["service", "state"],
             ),
             services: m::gauge(
@@ -225,6 +230,30 @@ impl Metrics {
                 "rpc_proxy_zookeeper_session_expiries_total",
                 "ZooKeeper sessions that expired.",
             ),
+            retries: m::counter_vec(
+                &registry,
+                "rpc_proxy_retries_total",
+                "Calls sent to another endpoint after one that never reached a handler, by reason (not_sent: never written; refused: an LB refused it before dispatch).",
+                &["service", "reason"],
+            ),
+            budget_exhausted: m::counter_vec(
+                &registry,
+                "rpc_proxy_retry_budget_exhausted_total",
+                "Retries not made because the service's retry budget was spent.",
+                &["service"],
+            ),
+            ejections: m::counter_vec(
+                &registry,
+                "rpc_proxy_ejections_total",
+                "Endpoints ejected from balancing, by reason (consecutive_failures, failed_probe).",
+                &["service", "reason"],
+            ),
+            ejected: m::gauge_vec(
+                &registry,
+                "rpc_proxy_ejected_endpoints",
+                "Endpoints of the service ejected now.",
+                &["service"],
+            ),
             zk: Mutex::new(ZkTracker {
                 state: ZkState::Connecting,
                 connected_before: false,
@@ -239,6 +268,21 @@ impl Metrics {
     /// The handles for calls whose service is not routable (label `unknown`).
     pub fn unknown(&self) -> &'static ServiceCalls {
         self.unknown
+    }
+
+    /// The resilience counters of `service` (created with their zero series, so dashboards
+    /// see them before the first retry).
+    pub fn health(&self, service: &str) -> HealthMetrics {
+        HealthMetrics {
+            retries_not_sent: self.retries.with_label_values(&[service, "not_sent"]),
+            retries_refused: self.retries.with_label_values(&[service, "refused"]),
+            budget_exhausted: self.budget_exhausted.with_label_values(&[service]),
+            ejections_consecutive: self
+                .ejections
+                .with_label_values(&[service, "consecutive_failures"]),
+            ejections_failed_probe: self.ejections.with_label_values(&[service, "failed_probe"]),
+            ejected: self.ejected.with_label_values(&[service]),
+        }
     }
 
     /// Notes a ZooKeeper session change; returns whether it was one.

@@ -1,11 +1,13 @@
 //! The routing table: service name to its endpoints, fed by discovery events and read on
-//! every call. Picks an endpoint by power of two choices on calls outstanding, skipping
-//! endpoints in reconnect backoff. Sits between discovery (ZooKeeper, or a static source in
-//! tests) and the client connections.
+//! every call. Picks an endpoint by power of two choices on load (calls outstanding plus the
+//! penalty of recent failures, [`crate::resilience`]), skipping endpoints in reconnect backoff
+//! and ejected ones (but for their probe; over all of them when every endpoint is ejected).
+//! Sits between discovery (ZooKeeper, or a static source in tests) and the client
+//! connections.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rand::Rng;
@@ -14,6 +16,7 @@ use rpc_registry::DiscoveryEvent;
 use tokio::sync::Notify;
 
 use crate::metrics::{Metrics, Outcome, ServiceCalls, UNKNOWN};
+use crate::resilience::{Admission, ServiceHealth};
 use crate::upstream::{Endpoint, UpstreamSettings};
 
 /// The endpoints of one service at one moment (replaced whole on every change).
@@ -25,6 +28,17 @@ pub struct Service {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// The service's call metrics (the same handles across table changes).
     pub calls: &'static ServiceCalls,
+    /// Its retry budget and ejection count (the same across table changes).
+    pub health: Arc<ServiceHealth>,
+}
+
+/// The endpoint chosen for a call.
+#[derive(Debug)]
+pub struct Pick {
+    /// Where the call goes.
+    pub endpoint: Arc<Endpoint>,
+    /// Whether the call probes an ejected endpoint (its verdict readmits or ejects again).
+    pub probe: bool,
 }
 
 /// What a lookup found.
@@ -45,50 +59,97 @@ pub enum NoPick {
     AllBackingOff,
 }
 
+/// How one candidate endpoint stands for a call.
+enum Candidate {
+    /// Tried already or in backoff.
+    Unusable,
+    /// Ejected, and its probe not due or out.
+    Ejected,
+    /// Its probe: this call.
+    Probe,
+    /// Open, with its load.
+    Open(usize),
+}
+
 // === impl Service ===
 
 impl Service {
-    /// Power of two choices on calls outstanding among endpoints not in `tried` and not in
-    /// backoff.
+    /// Power of two choices on load among endpoints not in `tried`, not in backoff and not
+    /// ejected. An ejected endpoint due for its probe is picked for it at once; when every
+    /// usable endpoint is ejected, the least loaded of them takes the call (as a probe).
     ///
     /// # Errors
     /// [`NoPick`] when no endpoint qualifies.
-    pub fn pick(&self, tried: &[Arc<Endpoint>]) -> Result<Arc<Endpoint>, NoPick> {
-        let usable =
-            |e: &Arc<Endpoint>| !e.in_backoff() && !tried.iter().any(|t| Arc::ptr_eq(t, e));
-        match self.endpoints.len() {
-            0 => return Err(NoPick::Empty),
-            1 => {
-                let only = &self.endpoints[0];
-                return if usable(only) {
-                    Ok(only.clone())
-                } else {
-                    Err(NoPick::AllBackingOff)
-                };
+    pub fn pick(&self, tried: &[Arc<Endpoint>]) -> Result<Pick, NoPick> {
+        let candidate = |e: &Arc<Endpoint>| {
+            if e.in_backoff() || tried.iter().any(|t| Arc::ptr_eq(t, e)) {
+                return Candidate::Unusable;
             }
-            _ => {}
-        }
+            match e.admission() {
+                Admission::Open => Candidate::Open(e.load()),
+                Admission::Probe => Candidate::Probe,
+                Admission::Ejected => Candidate::Ejected,
+            }
+        };
+        let open = |e: &Arc<Endpoint>| Pick {
+            endpoint: e.clone(),
+            probe: false,
+        };
+        let probe = |e: &Arc<Endpoint>| Pick {
+            endpoint: e.clone(),
+            probe: true,
+        };
         let n = self.endpoints.len();
-        let mut rng = rand::rng();
-        let a = rng.random_range(0..n);
-        let b = (a + rng.random_range(1..n)) % n;
-        let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
-        match (usable(ea), usable(eb)) {
-            (true, true) => Ok(if eb.outstanding() < ea.outstanding() {
-                eb.clone()
-            } else {
-                ea.clone()
-            }),
-            (true, false) => Ok(ea.clone()),
-            (false, true) => Ok(eb.clone()),
-            // Both unusable: the least loaded usable one, if any.
-            (false, false) => self
-                .endpoints
-                .iter()
-                .filter(|e| usable(e))
-                .min_by_key(|e| e.outstanding())
-                .cloned()
-                .ok_or(NoPick::AllBackingOff),
+        if n == 0 {
+            return Err(NoPick::Empty);
+        }
+        if n > 1 {
+            let mut rng = rand::rng();
+            let a = rng.random_range(0..n);
+            let b = (a + rng.random_range(1..n)) % n;
+            let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+            match candidate(ea) {
+                Candidate::Probe => return Ok(probe(ea)),
+                Candidate::Open(load_a) => {
+                    return Ok(match candidate(eb) {
+                        Candidate::Probe => probe(eb),
+                        Candidate::Open(load_b) if load_b < load_a => open(eb),
+                        _ => open(ea),
+                    });
+                }
+                Candidate::Unusable | Candidate::Ejected => match candidate(eb) {
+                    Candidate::Probe => return Ok(probe(eb)),
+                    Candidate::Open(_) => return Ok(open(eb)),
+                    Candidate::Unusable | Candidate::Ejected => {}
+                },
+            }
+        }
+        // Neither sample (or the only endpoint) qualifies: the least loaded open one, else a
+        // probe that is due, else the least loaded usable one, ejected or not.
+        let mut best_open: Option<(usize, &Arc<Endpoint>)> = None;
+        let mut best_ejected: Option<(usize, &Arc<Endpoint>)> = None;
+        for e in &self.endpoints {
+            match candidate(e) {
+                Candidate::Probe => return Ok(probe(e)),
+                Candidate::Open(load) => {
+                    if best_open.is_none_or(|(l, _)| load < l) {
+                        best_open = Some((load, e));
+                    }
+                }
+                Candidate::Ejected => {
+                    let load = e.load();
+                    if best_ejected.is_none_or(|(l, _)| load < l) {
+                        best_ejected = Some((load, e));
+                    }
+                }
+                Candidate::Unusable => {}
+            }
+        }
+        match (best_open, best_ejected) {
+            (Some((_, e)), _) => Ok(open(e)),
+            // Every usable endpoint is ejected: balance over them all.
+            (None, Some((_, e))) => Ok(probe(e)),
+            (None, None) => Err(NoPick::AllBackingOff),
         }
     }
 }
@@ -99,6 +160,9 @@ impl Service {
 #[derive(Debug)]
 pub struct Router {
     services: RwLock<HashMap<String, Arc<Service>>>,
+    /// Every service's resilience state, kept when a service leaves the table (its counters
+    /// live on in the metrics) and found again when it comes back.
+    healths: Mutex<HashMap<String, Arc<ServiceHealth>>>,
     settings: Arc<UpstreamSettings>,
     synced: AtomicBool,
     synced_notify: Notify,
@@ -115,6 +179,7 @@ impl Router {
     pub fn with_metrics(settings: Arc<UpstreamSettings>, metrics: Arc<Metrics>) -> Self {
         Router {
             services: RwLock::new(HashMap::new()),
+            healths: Mutex::new(HashMap::new()),
             settings,
             synced: AtomicBool::new(false),
             synced_notify: Notify::new(),
@@ -184,6 +249,24 @@ impl Router {
         all
     }
 
+    /// The resilience state of `service`, made on first use.
+    fn health(&self, service: &str) -> Arc<ServiceHealth> {
+        let mut healths = self.healths.lock().unwrap_or_else(|e| e.into_inner());
+        healths
+            .entry(service.to_owned())
+            .or_insert_with(|| {
+                Arc::new(ServiceHealth::new(
+                    service,
+                    self.settings.resilience,
+                    // A probe whose caller went away is given up once its call would have
+                    // timed out, with a margin.
+                    self.settings.request_timeout * 2,
+                    self.metrics.health(service),
+                ))
+            })
+            .clone()
+    }
+
     /// Applies one discovery event. Endpoints that disappear are drained, not cut.
     pub fn apply(&self, event: DiscoveryEvent) {
         match event {
@@ -192,6 +275,7 @@ impl Router {
                     Lookup::Found(s) => s.endpoints.clone(),
                     Lookup::Unknown => Vec::new(),
                 };
+                let health = self.health(&service);
                 let mut fresh = Vec::with_capacity(endpoints.len());
                 for endpoint in &endpoints {
                     let address = match Address::parse("frontend", endpoint.info.frontend.trim()) {
@@ -210,13 +294,15 @@ impl Router {
                     let reused = old
                         .iter()
                         .find(|e| e.address() == &address && !e.is_draining());
-                    fresh.push(match reused {
+                    let kept = match reused {
                         Some(e) => e.clone(),
                         None => {
                             tracing::info!(service, endpoint = %address, "endpoint added");
-                            Endpoint::new(address, self.settings.clone())
+                            Endpoint::new(address, self.settings.clone(), health.clone())
                         }
-                    });
+                    };
+                    kept.set_marks(endpoint.info.marks == 1);
+                    fresh.push(kept);
                 }
                 for gone in old
                     .iter()
@@ -229,10 +315,12 @@ impl Router {
                     );
                     gone.drain();
                 }
+                health.set_endpoints(fresh.len());
                 let entry = Arc::new(Service {
                     calls: self.metrics.calls.service(&service),
                     name: service.clone(),
                     endpoints: fresh,
+                    health,
                 });
                 let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
                 services.insert(service, entry);
@@ -244,6 +332,7 @@ impl Router {
                 };
                 if let Some(removed) = removed {
                     tracing::info!(service, "service removed");
+                    removed.health.set_endpoints(0);
                     removed.endpoints.iter().for_each(|e| e.drain());
                 }
             }
@@ -337,6 +426,45 @@ mod tests {
     }
 
     #[test]
+    fn pick_skips_ejected_endpoints_unless_all_are() {
+        let router = Router::new(settings());
+        router.apply(endpoints("echo", &["127.0.0.1:1", "127.0.0.1:2"]));
+        let service = found(&router, "echo");
+        let sick = &service.endpoints[0];
+        for _ in 0..5 {
+            sick.record(crate::resilience::Verdict::Failed, false);
+        }
+        assert_eq!(sick.state(), "ejected");
+        for _ in 0..100 {
+            let pick = service.pick(&[]).unwrap();
+            assert!(Arc::ptr_eq(&pick.endpoint, &service.endpoints[1]));
+            assert!(!pick.probe);
+        }
+        // The healthy one tried already: the ejected one is all there is, as a probe.
+        let tried = vec![service.endpoints[1].clone()];
+        let pick = service.pick(&tried).unwrap();
+        assert!(Arc::ptr_eq(&pick.endpoint, sick) && pick.probe);
+        // Removed from the table, it no longer counts as ejected.
+        router.apply(endpoints("echo", &["127.0.0.1:2"]));
+        assert_eq!(found(&router, "echo").health.ejected(), 0);
+    }
+
+    #[test]
+    fn recent_failures_weigh_on_the_choice() {
+        let router = Router::new(settings());
+        router.apply(endpoints("echo", &["127.0.0.1:1", "127.0.0.1:2"]));
+        let service = found(&router, "echo");
+        service.endpoints[0].record(crate::resilience::Verdict::Failed, false);
+        for _ in 0..100 {
+            let pick = service.pick(&[]).unwrap();
+            assert!(
+                Arc::ptr_eq(&pick.endpoint, &service.endpoints[1]),
+                "a failure a moment ago weighs a call"
+            );
+        }
+    }
+
+    #[test]
     fn pick_spreads_and_respects_tried() {
         let router = Router::new(settings());
         router.apply(endpoints(
@@ -346,13 +474,13 @@ mod tests {
         let service = found(&router, "echo");
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
-            seen.insert(service.pick(&[]).unwrap().label().to_owned());
+            seen.insert(service.pick(&[]).unwrap().endpoint.label().to_owned());
         }
         assert_eq!(seen.len(), 3, "every idle endpoint gets picked");
         let tried = vec![service.endpoints[0].clone(), service.endpoints[1].clone()];
         for _ in 0..50 {
             assert!(Arc::ptr_eq(
-                &service.pick(&tried).unwrap(),
+                &service.pick(&tried).unwrap().endpoint,
                 &service.endpoints[2]
             ));
         }

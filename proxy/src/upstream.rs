@@ -10,19 +10,24 @@
 //! [`Outgoing`]; its answer comes back on a oneshot channel as [`Reply`]. A call that was
 //! never written (connect failed, connection gone before the write) comes back as
 //! [`Failure::NotSent`] with its message, so the caller can safely try another endpoint.
+//!
+//! Each endpoint also carries its outlier state ([`Outlier`]) and the shared state of its
+//! service ([`ServiceHealth`]): the router reads them to skip ejected endpoints, and the
+//! caller reports each attempt's verdict through [`Endpoint::record`].
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use rpc_config::Address;
+use rpc_config::{Address, ResilienceConfig};
 use rpc_frame::{Message, MessageType};
 use rpc_mux::{Ending, Expiry, Outbound, Start, Tick};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::UpstreamFailure;
+use crate::resilience::{Admission, HealthMetrics, Outlier, ServiceHealth, Verdict};
 
 /// Tunables of every upstream connection, from the proxy configuration.
 #[derive(Debug, Clone)]
@@ -48,6 +53,8 @@ pub struct UpstreamSettings {
     /// Bytes of calls queued and not yet written on one connection beyond which new calls
     /// are refused (`max_connection_buffer_bytes`).
     pub max_queued_bytes: usize,
+    /// Outlier ejection and the retry budget.
+    pub resilience: ResilienceConfig,
     /// Fired when the proxy's drain grace is over: every connection fails the calls it holds
     /// with [`UpstreamFailure::Stopping`] and closes, and new calls are refused.
     pub abort: Arc<Abort>,
@@ -94,6 +101,7 @@ impl Default for UpstreamSettings {
             max_frame_size: rpc_frame::DEFAULT_MAX_FRAME_SIZE,
             write_timeout: Duration::from_secs(30),
             max_queued_bytes: 32 << 20,
+            resilience: ResilienceConfig::default(),
             abort: Arc::default(),
         }
     }
@@ -106,7 +114,14 @@ pub type Reply = Result<Message, Failure>;
 #[derive(Debug)]
 pub enum Failure {
     /// Never written to the endpoint: safe to send elsewhere.
-    NotSent(Message),
+    NotSent {
+        /// The call, as it was handed over.
+        message: Message,
+        /// Whether the endpoint failed (connect failure, reset, heartbeat loss, a stalled
+        /// write): a counted failure. False when the proxy closed the connection itself
+        /// (idle, drained).
+        endpoint_failed: bool,
+    },
     /// Written (or possibly written) and failed.
     Failed(UpstreamFailure),
 }
@@ -120,6 +135,9 @@ pub struct Outgoing {
     pub reply: Option<oneshot::Sender<Reply>>,
     /// The caller's seqid, restored on the reply.
     pub client_seqid: i32,
+    /// When the call fails with [`UpstreamFailure::Timeout`]: its arrival plus
+    /// `request_timeout_ms`, the same on every endpoint tried.
+    pub deadline: Instant,
 }
 
 /// Why [`Endpoint::send`] refused a call at once (the call is handed back).
@@ -155,11 +173,22 @@ pub struct Endpoint {
     backoff_until_ms: AtomicU64,
     /// Connection failures in a row (sets the next backoff).
     failures: AtomicU32,
+    /// Whether its node announces marks (`"marks": 1`): field 3 of its exceptions is trusted.
+    marks: AtomicBool,
+    /// Its outlier ejection state.
+    outlier: Outlier,
+    /// Its service's shared ejection count and retry budget.
+    health: Arc<ServiceHealth>,
 }
 
 impl Endpoint {
-    /// A new endpoint; nothing is connected until the first call.
-    pub fn new(address: Address, settings: Arc<UpstreamSettings>) -> Arc<Self> {
+    /// A new endpoint of the service whose state is `health`; nothing is connected until the
+    /// first call.
+    pub fn new(
+        address: Address,
+        settings: Arc<UpstreamSettings>,
+        health: Arc<ServiceHealth>,
+    ) -> Arc<Self> {
         let slots = (0..settings.connections.max(1)).map(|_| None).collect();
         Arc::new(Endpoint {
             label: address.to_string(),
@@ -172,7 +201,60 @@ impl Endpoint {
             created: Instant::now(),
             backoff_until_ms: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            marks: AtomicBool::new(false),
+            outlier: Outlier::default(),
+            health,
         })
+    }
+
+    /// An endpoint of a service of its own, with metrics registered nowhere (tests).
+    pub fn detached(address: Address, settings: Arc<UpstreamSettings>) -> Arc<Self> {
+        let health = ServiceHealth::new(
+            "detached",
+            settings.resilience,
+            settings.request_timeout,
+            HealthMetrics::detached(),
+        );
+        Endpoint::new(address, settings, Arc::new(health))
+    }
+
+    /// Whether the endpoint's node announces marks (field 3 of its exceptions is trusted).
+    pub fn marks(&self) -> bool {
+        self.marks.load(Ordering::Relaxed)
+    }
+
+    /// Notes whether the endpoint's node announces marks (set at every table update: an LB
+    /// replaced on the same address by one of another kind is believed from then on).
+    pub fn set_marks(&self, marks: bool) {
+        self.marks.store(marks, Ordering::Relaxed);
+    }
+
+    /// Its outlier state.
+    pub fn outlier(&self) -> &Outlier {
+        &self.outlier
+    }
+
+    /// Whether it may take a call now (hands out its probe when one is due).
+    pub fn admission(&self) -> Admission {
+        self.health.admission(&self.outlier)
+    }
+
+    /// Records the verdict of an attempt on this endpoint; `probe` when the call was picked
+    /// as its probe.
+    pub fn record(&self, verdict: Verdict, probe: bool) {
+        self.health.record(
+            &self.outlier,
+            verdict,
+            probe,
+            &self.label,
+            self.outstanding(),
+        );
+    }
+
+    /// Calls outstanding plus the balancing penalty of recent counted failures: what the
+    /// router compares.
+    pub fn load(&self) -> usize {
+        self.outstanding() + self.outlier.penalty()
     }
 
     /// How long a call routed here may take (`request_timeout_ms`).
@@ -213,16 +295,21 @@ impl Endpoint {
     }
 
     /// Stops new calls (the router no longer offers this endpoint); open connections close
-    /// once their calls are answered.
+    /// once their calls are answered. An ejected endpoint stops counting against its
+    /// service's ejection cap.
     pub fn drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        self.health.release(&self.outlier);
     }
 
-    /// What the endpoint is doing, for status output: `backoff` (reconnect backoff: new calls
-    /// go elsewhere), `connected` (a connection is open or being opened), or `idle` (none
-    /// open; the next call opens one).
+    /// What the endpoint is doing, for status output: `ejected` (outlier ejection: new calls
+    /// go elsewhere but for its probe), `backoff` (reconnect backoff: new calls go elsewhere),
+    /// `connected` (a connection is open or being opened), or `idle` (none open; the next call
+    /// opens one).
     pub fn state(&self) -> &'static str {
-        if self.in_backoff() {
+        if self.outlier.is_ejected() {
+            "ejected"
+        } else if self.in_backoff() {
             "backoff"
         } else if self.is_connected() {
             "connected"
@@ -407,7 +494,7 @@ impl rpc_mux::Policy for UpstreamPolicy<'_> {
         self.conn.dequeued(out.message.as_wire().len());
         let pending = match out.reply {
             Some(reply) => Some((
-                now + self.endpoint.settings.request_timeout,
+                out.deadline.max(now),
                 Pending {
                     reply,
                     client_seqid: out.client_seqid,
@@ -501,9 +588,28 @@ impl rpc_mux::Policy for UpstreamPolicy<'_> {
             let _ = reply.send(Err(if ending == Ending::Stopped {
                 Failure::Failed(UpstreamFailure::Stopping)
             } else {
-                Failure::NotSent(out.message)
+                Failure::NotSent {
+                    message: out.message,
+                    endpoint_failed: endpoint_failed(ending),
+                }
             }));
         }
+    }
+}
+
+/// Whether a connection's end was the endpoint's failure (a counted failure for the calls it
+/// could not write), not the proxy's own close.
+fn endpoint_failed(ending: Ending<Close>) -> bool {
+    match ending {
+        Ending::Closed
+        | Ending::HeartbeatTimeout
+        | Ending::WriteStalled
+        | Ending::BadFrame
+        | Ending::Policy(Close::Clogged) => true,
+        Ending::Stopped
+        | Ending::QueueClosed
+        | Ending::Policy(Close::Idle)
+        | Ending::Policy(Close::Drained) => false,
     }
 }
 

@@ -2,6 +2,8 @@
 //! static discovery events, fake upstream Thrift servers and raw framed clients
 //! (CONTRACT sections 2, 6 and 8).
 
+// Each test binary uses its own part of the shared harness.
+#[allow(dead_code)]
 mod support;
 
 use std::collections::HashSet;

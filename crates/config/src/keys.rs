@@ -38,6 +38,11 @@ pub const KNOWN_KEYS: &[&str] = &[
     "client_idle_timeout_ms",
     "startup_hold_ms",
     "worker_threads",
+    "outlier_consecutive_failures",
+    "outlier_base_ejection_ms",
+    "outlier_max_ejection_percent",
+    "retry_budget_percent",
+    "retry_min_per_sec",
     // LB only.
     "service",
     "front_host",

@@ -24,7 +24,7 @@ mod value;
 pub use keys::{KNOWN_KEYS, LEGACY_KEYS};
 
 use parse::Values;
-use value::{check_host_port, check_name, check_unix_path, invalid};
+use value::{MAX_COUNT, check_host_port, check_name, check_unix_path, invalid};
 
 // Defaults (CONTRACT section 4 plus the NEW keys), in the units of their keys.
 const DEFAULT_PRODUCT: &str = "test";
@@ -52,6 +52,15 @@ const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// bounded anyway: a frame once started must be finished within the proxy's frame deadline.
 const DEFAULT_CLIENT_IDLE_TIMEOUT_MS: u64 = 0;
 const DEFAULT_STARTUP_HOLD_MS: u64 = 5_000;
+const DEFAULT_OUTLIER_CONSECUTIVE_FAILURES: u32 = 5;
+const DEFAULT_OUTLIER_BASE_EJECTION_MS: u64 = 30_000;
+const DEFAULT_OUTLIER_MAX_EJECTION_PERCENT: u32 = 50;
+const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+const DEFAULT_RETRY_MIN_PER_SEC: u32 = 10;
+/// Largest `retry_budget_percent`: ten retries per call (Finagle's bound).
+const MAX_RETRY_BUDGET_PERCENT: u32 = 1_000;
+/// Largest `retry_min_per_sec`.
+const MAX_RETRY_MIN_PER_SEC: u32 = 1_000_000;
 const DEFAULT_WORKER_POOL_SIZE: usize = 1;
 const DEFAULT_MAX_QUEUE: usize = 1_024;
 /// Five minutes, like `upstream_idle_timeout_ms`: proxies ping idle connections every
@@ -188,6 +197,75 @@ pub struct ProxyConfig {
     /// `startup_hold_ms` (`5000`, NEW): right after start, calls wait at most this long for the
     /// first full read of ZooKeeper.
     pub startup_hold: Duration,
+    /// Outlier ejection and the retry budget (CONTRACT section 9, "Proxy resilience").
+    pub resilience: ResilienceConfig,
+}
+
+/// The proxy's outlier ejection and retry budget keys (CONTRACT section 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResilienceConfig {
+    /// `outlier_consecutive_failures` (`5`, `0` = off): counted failures in a row that eject an
+    /// endpoint.
+    pub consecutive_failures: u32,
+    /// `outlier_base_ejection_ms` (`30000`): the first ejection; the n-th lasts n times this,
+    /// at most 10 times, jittered +-10 %.
+    pub base_ejection: Duration,
+    /// `outlier_max_ejection_percent` (`50`): at most this share of a service's endpoints
+    /// ejected at once (at least one may be).
+    pub max_ejection_percent: u32,
+    /// `retry_budget_percent` (`20`): retries of a service in the last 10 s may reach this
+    /// percentage of its calls in those 10 s ...
+    pub retry_budget_percent: u32,
+    /// `retry_min_per_sec` (`10`): ... plus this many per second (x 10).
+    pub retry_min_per_sec: u32,
+}
+
+impl Default for ResilienceConfig {
+    /// The CONTRACT defaults.
+    fn default() -> Self {
+        ResilienceConfig {
+            consecutive_failures: DEFAULT_OUTLIER_CONSECUTIVE_FAILURES,
+            base_ejection: Duration::from_millis(DEFAULT_OUTLIER_BASE_EJECTION_MS),
+            max_ejection_percent: DEFAULT_OUTLIER_MAX_EJECTION_PERCENT,
+            retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
+            retry_min_per_sec: DEFAULT_RETRY_MIN_PER_SEC,
+        }
+    }
+}
+
+// === impl ResilienceConfig ===
+
+impl ResilienceConfig {
+    /// The outlier and retry keys.
+    fn from_values(values: &Values) -> Result<Self, ConfigError> {
+        Ok(ResilienceConfig {
+            consecutive_failures: values.number(
+                "outlier_consecutive_failures",
+                DEFAULT_OUTLIER_CONSECUTIVE_FAILURES,
+                MAX_COUNT as u32,
+            )?,
+            base_ejection: values.millis(
+                "outlier_base_ejection_ms",
+                DEFAULT_OUTLIER_BASE_EJECTION_MS,
+                false,
+            )?,
+            max_ejection_percent: values.number(
+                "outlier_max_ejection_percent",
+                DEFAULT_OUTLIER_MAX_EJECTION_PERCENT,
+                100,
+            )?,
+            retry_budget_percent: values.number(
+                "retry_budget_percent",
+                DEFAULT_RETRY_BUDGET_PERCENT,
+                MAX_RETRY_BUDGET_PERCENT,
+            )?,
+            retry_min_per_sec: values.number(
+                "retry_min_per_sec",
+                DEFAULT_RETRY_MIN_PER_SEC,
+                MAX_RETRY_MIN_PER_SEC,
+            )?,
+        })
+    }
 }
 
 /// The `rpc_lb` configuration.
@@ -449,6 +527,7 @@ impl ProxyConfig {
             client_idle_timeout: values
                 .optional_millis("client_idle_timeout_ms", DEFAULT_CLIENT_IDLE_TIMEOUT_MS)?,
             startup_hold: values.millis("startup_hold_ms", DEFAULT_STARTUP_HOLD_MS, true)?,
+            resilience: ResilienceConfig::from_values(values)?,
         })
     }
 }
@@ -573,8 +652,16 @@ mod tests {
             connect_timeout: ms(1000),
             client_idle_timeout: None,
             startup_hold: ms(5000),
+            resilience: ResilienceConfig {
+                consecutive_failures: 5,
+                base_ejection: ms(30_000),
+                max_ejection_percent: 50,
+                retry_budget_percent: 20,
+                retry_min_per_sec: 10,
+            },
         };
         assert_eq!(config, expected);
+        assert_eq!(config.resilience, ResilienceConfig::default());
     }
 
     #[test]
@@ -623,6 +710,11 @@ upstream_idle_timeout_ms = 60000
 connect_timeout_ms = 250
 client_idle_timeout_ms = 30000
 startup_hold_ms = 0
+outlier_consecutive_failures = 0
+outlier_base_ejection_ms = 500
+outlier_max_ejection_percent = 100
+retry_budget_percent = 0
+retry_min_per_sec = 3
 service = echo
 front_host = 10.0.0.5
 front_port = 5551
@@ -661,6 +753,16 @@ front_idle_timeout_ms = 45000
         assert_eq!(p.connect_timeout, ms(250));
         assert_eq!(p.client_idle_timeout, Some(ms(30_000)));
         assert_eq!(p.startup_hold, Duration::ZERO);
+        assert_eq!(
+            p.resilience,
+            ResilienceConfig {
+                consecutive_failures: 0,
+                base_ejection: ms(500),
+                max_ejection_percent: 100,
+                retry_budget_percent: 0,
+                retry_min_per_sec: 3,
+            }
+        );
 
         let (l, warnings) = LbConfig::parse(text).unwrap();
         assert!(warnings.is_empty());
@@ -774,6 +876,13 @@ front_idle_timeout_ms = 45000
             ("connect_timeout_ms", "0"),
             ("client_idle_timeout_ms", "soon"),
             ("startup_hold_ms", "-5"),
+            ("outlier_consecutive_failures", "-1"),
+            ("outlier_consecutive_failures", "five"),
+            ("outlier_base_ejection_ms", "0"),
+            ("outlier_max_ejection_percent", "101"),
+            ("retry_budget_percent", "1001"),
+            ("retry_budget_percent", "20%"),
+            ("retry_min_per_sec", "-1"),
         ];
         for (key, bad) in proxy_cases {
             let text = format!("{PROXY_MIN}{key}={bad}\n");

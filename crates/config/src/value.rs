@@ -65,6 +65,23 @@ impl Values {
         self.get(key).map(str::to_owned)
     }
 
+    /// A whole number in `0..=max` (`outlier_consecutive_failures`, percentages, ...).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for a negative or non-numeric value, or more than `max`.
+    pub(crate) fn number(
+        &self,
+        key: &'static str,
+        default: u32,
+        max: u32,
+    ) -> Result<u32, ConfigError> {
+        let Some(text) = self.get(key) else {
+            return Ok(default);
+        };
+        // `max` is a u32, so the value fits.
+        Ok(unsigned(key, text, u64::from(max))? as u32)
+    }
+
     /// A count, at least 1 (`max_connections`, `worker_pool_size`, ...).
     ///
     /// # Errors

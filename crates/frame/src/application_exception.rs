@@ -1,6 +1,11 @@
 //! `TApplicationException`, the reply the mesh sends when it fails a call itself (no endpoint,
 //! timeout, bad frame, handler error): [`application_exception()`] builds the frame,
 //! [`parse_application_exception`] reads one back (the worker's logs, the tests).
+//!
+//! An LB marks the exceptions it raises itself with field 3 ([`Mark`], CONTRACT section 9 "LB
+//! refusals and LB failures, marked"): [`marked_application_exception`] writes it,
+//! [`exception_mark`] reads it (the proxy's retry and outlier decisions). Thrift readers skip
+//! the unknown field, so old proxies and clients see the same code and message.
 
 use bytes::{BufMut, BytesMut};
 
@@ -30,6 +35,18 @@ pub enum ExceptionCode {
     ProtocolError = 7,
 }
 
+/// Field 3 of a `TApplicationException` an LB raised itself: whether a handler may have seen
+/// the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum Mark {
+    /// 1: refused before dispatch; no handler saw the call (no worker, queue full, draining,
+    /// deadline spent). Safe to send elsewhere.
+    Refused = 1,
+    /// 2: failed after dispatch at the LB (its timeout, a lost worker, a watchdog kill).
+    Failed = 2,
+}
+
 /// Builds a `TApplicationException` frame `(name, EXCEPTION, seqid)` whose body is the
 /// struct `{1: string message, 2: i32 type}` followed by a stop byte.
 ///
@@ -40,8 +57,21 @@ pub fn application_exception(
     code: ExceptionCode,
     message: &str,
 ) -> BytesMut {
-    // Field header (3) + length (4) + message, field header (3) + i32 (4), stop (1).
-    let body_len = 15 + message.len();
+    marked_application_exception(name, seqid, code, message, None)
+}
+
+/// [`application_exception()`] with field 3 set to `mark` when there is one (the LB's own
+/// refusals and failures).
+pub fn marked_application_exception(
+    name: &str,
+    seqid: i32,
+    code: ExceptionCode,
+    message: &str,
+    mark: Option<Mark>,
+) -> BytesMut {
+    // Field header (3) + length (4) + message, field header (3) + i32 (4), stop (1); and
+    // field header (3) + i32 (4) for the mark.
+    let body_len = 15 + message.len() + if mark.is_some() { 7 } else { 0 };
     let mut buf = BytesMut::with_capacity(NAME_AT + name.len() + 4 + body_len);
     put_header(&mut buf, MessageType::Exception, name, seqid, body_len);
     buf.put_u8(TYPE_STRING);
@@ -51,6 +81,11 @@ pub fn application_exception(
     buf.put_u8(TYPE_I32);
     buf.put_i16(2);
     buf.put_i32(code as i32);
+    if let Some(mark) = mark {
+        buf.put_u8(TYPE_I32);
+        buf.put_i16(3);
+        buf.put_i32(mark as i32);
+    }
     buf.put_u8(TYPE_STOP);
     buf
 }
@@ -62,9 +97,22 @@ pub fn application_exception(
 /// message reads as `""` and a missing code as 0; a message that is not UTF-8 is decoded
 /// lossily. Bytes after the struct's stop byte make the body malformed.
 pub fn parse_application_exception(body: &[u8]) -> Option<(i32, String)> {
+    read_application_exception(body).map(|(code, message, _)| (code, message))
+}
+
+/// The [`Mark`] (field 3, an `i32` of 1 or 2) of a `TApplicationException` body; `None` when
+/// the body carries none, another value, or is not such a struct. Only meaningful for
+/// exceptions from an LB that announces marks in its node data.
+pub fn exception_mark(body: &[u8]) -> Option<Mark> {
+    read_application_exception(body).and_then(|(_, _, mark)| mark)
+}
+
+/// Reads the whole struct: code, message, and mark (field 3 when it is an `i32` of 1 or 2).
+fn read_application_exception(body: &[u8]) -> Option<(i32, String, Option<Mark>)> {
     let mut reader = Reader { rest: body };
     let mut code = 0;
     let mut message = String::new();
+    let mut mark = None;
     loop {
         let field_type = reader.u8()?;
         if field_type == TYPE_STOP {
@@ -77,10 +125,17 @@ pub fn parse_application_exception(body: &[u8]) -> Option<(i32, String)> {
                 message = String::from_utf8_lossy(bytes).into_owned();
             }
             (2, TYPE_I32) => code = reader.i32()?,
+            (3, TYPE_I32) => {
+                mark = match reader.i32()? {
+                    1 => Some(Mark::Refused),
+                    2 => Some(Mark::Failed),
+                    _ => None,
+                }
+            }
             _ => reader.skip(field_type, MAX_SKIP_DEPTH)?,
         }
     }
-    reader.rest.is_empty().then_some((code, message))
+    reader.rest.is_empty().then_some((code, message, mark))
 }
 
 #[cfg(test)]
@@ -159,6 +214,54 @@ mod tests {
             parse_application_exception(&body),
             Some((6, "hi".to_owned()))
         );
+    }
+
+    #[test]
+    fn marks_round_trip_and_old_readers_skip_them() {
+        for mark in [Mark::Refused, Mark::Failed] {
+            let wire = marked_application_exception(
+                "m",
+                4,
+                ExceptionCode::InternalError,
+                "Worker FOR s.m Not Found",
+                Some(mark),
+            );
+            let message = reframe(&wire);
+            assert_eq!(exception_mark(message.body()), Some(mark));
+            assert_eq!(
+                parse_application_exception(message.body()),
+                Some((6, "Worker FOR s.m Not Found".to_owned())),
+                "code and message as without the mark"
+            );
+        }
+        let plain = reframe(&application_exception(
+            "m",
+            4,
+            ExceptionCode::InternalError,
+            "x",
+        ));
+        assert_eq!(exception_mark(plain.body()), None);
+        assert_eq!(
+            marked_application_exception("m", 4, ExceptionCode::InternalError, "x", None),
+            application_exception("m", 4, ExceptionCode::InternalError, "x")
+        );
+    }
+
+    #[test]
+    fn odd_marks_read_as_none() {
+        let mut body = BytesMut::new();
+        body.put_slice(&[0x08, 0, 3]);
+        body.put_i32(7);
+        body.put_u8(0);
+        assert_eq!(exception_mark(&body), None, "unknown value");
+        let mut body = BytesMut::new();
+        body.put_slice(&[0x0b, 0, 3, 0, 0, 0, 1, b'1', 0]);
+        assert_eq!(exception_mark(&body), None, "field 3 of another type");
+        let mut body = BytesMut::new();
+        body.put_slice(&[0x08, 0, 3]);
+        body.put_i32(1);
+        assert_eq!(exception_mark(&body), None, "no stop byte");
+        assert_eq!(exception_mark(&[]), None);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! - `salvage`: [`salvage_name_and_seqid`], the name and seqid of a frame whose header was
 //!   refused, so its code-7 reply reaches the right caller.
 //! - `application_exception`: [`application_exception()`] and [`parse_application_exception`],
-//!   the `TApplicationException` the mesh answers failed calls with ([`ExceptionCode`]).
+//!   the `TApplicationException` the mesh answers failed calls with ([`ExceptionCode`]);
+//!   [`marked_application_exception`] and [`exception_mark`] for the LB's field 3 ([`Mark`]).
 //! - `hello`: [`Hello`], the worker's capacity announcement to its LB.
 //! - `control`: [`heartbeat`], [`ping_reply`], [`stop`], [`stop_confirm`], the mesh's own
 //!   control frames.
@@ -41,7 +42,8 @@ mod salvage;
 mod testing;
 
 pub use application_exception::{
-    ExceptionCode, application_exception, parse_application_exception,
+    ExceptionCode, Mark, application_exception, exception_mark, marked_application_exception,
+    parse_application_exception,
 };
 pub use control::{heartbeat, ping_reply, stop, stop_confirm};
 pub use decoder::{Decoded, FrameDecoder, Head, Oversized};

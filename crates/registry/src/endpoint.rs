@@ -25,6 +25,15 @@ pub struct EndpointInfo {
     /// `YYYY-MM-DD HH:MM:SS`.
     #[serde(default)]
     pub start_time: String,
+    /// `1` when the LB marks the `TApplicationException`s it raises itself with field 3
+    /// (CONTRACT section 9); absent (0) for the Go original and plain servers. A proxy trusts
+    /// field 3 only from endpoints that announce it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub marks: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One endpoint of a service as discovered.
@@ -65,6 +74,23 @@ mod tests {
         assert_eq!(info.service, "typo");
         assert_eq!(info.frontend, "10.4.10.2:5555");
         assert_eq!(info.start_time, "2017-07-08 12:00:00");
+        assert_eq!(info.marks, 0, "the original announces no marks");
+    }
+
+    #[test]
+    fn marks_are_written_only_when_set() {
+        let mut info = EndpointInfo {
+            service: "s".into(),
+            service_id: "id".into(),
+            frontend: "h:1".into(),
+            ..Default::default()
+        };
+        let plain = serde_json::to_string(&info).unwrap();
+        assert!(!plain.contains("marks"), "{plain}");
+        info.marks = 1;
+        let json = serde_json::to_string(&info).unwrap();
+        assert!(json.contains(r#""marks":1"#), "{json}");
+        assert_eq!(EndpointInfo::from_json(json.as_bytes()).unwrap().marks, 1);
     }
 
     #[test]

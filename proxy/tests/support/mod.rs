@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rpc_frame::{ExceptionCode, Message, MessageType};
+use rpc_frame::{ExceptionCode, Mark, Message, MessageType};
 use rpc_registry::{DiscoveryEvent, SessionState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -93,13 +93,21 @@ impl ProxyHandle {
 
     /// Replaces the endpoints of `service` (an empty list: the service exists with none).
     pub async fn set_endpoints(&self, service: &str, frontends: &[String]) {
+        let plain: Vec<_> = frontends.iter().map(|f| (f.clone(), false)).collect();
+        self.set_marked_endpoints(service, &plain).await;
+    }
+
+    /// Replaces the endpoints of `service`, each `(frontend, announces marks)`: a marking
+    /// endpoint's node carries `"marks": 1`, as an rpc_lb's does.
+    pub async fn set_marked_endpoints(&self, service: &str, frontends: &[(String, bool)]) {
         let endpoints = frontends
             .iter()
-            .map(|frontend| rpc_registry::Endpoint {
+            .map(|(frontend, marks)| rpc_registry::Endpoint {
                 node: rpc_registry::service_id(frontend),
                 info: rpc_registry::EndpointInfo {
                     service: service.to_owned(),
                     frontend: frontend.clone(),
+                    marks: u32::from(*marks),
                     ..Default::default()
                 },
             })
@@ -152,6 +160,9 @@ pub enum Action {
     /// Hold the call; once this many calls are held (over all connections), answer them all
     /// in the reverse order of their arrival.
     HoldThenReverse(usize),
+    /// Answer with a code-6 `TApplicationException` carrying this field 3 (an LB's refusal
+    /// or failure; `None`: a handler's error).
+    Raise(Option<Mark>),
 }
 
 /// How the fake upstream treats the proxy's heartbeat pings (type 20).
@@ -412,6 +423,15 @@ fn take_frames(
             }
             Action::ReplyAs(name) => {
                 let _ = tx.send(Out::Frame(reply_to(&call, name)));
+            }
+            Action::Raise(mark) => {
+                let _ = tx.send(Out::Frame(rpc_frame::marked_application_exception(
+                    &call.name,
+                    call.seqid,
+                    ExceptionCode::InternalError,
+                    "raised by the fake upstream",
+                    mark,
+                )));
             }
             Action::Ignore => {}
             Action::Close => return false,

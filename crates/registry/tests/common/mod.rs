@@ -54,6 +54,7 @@ pub fn info(service: &str, frontend: &str) -> EndpointInfo {
         code_url_version: "git@host:grp/app.git@936d577".to_owned(),
         hostname: FIXTURE_HOST.to_owned(),
         start_time: "2017-07-08 12:00:00".to_owned(),
+        marks: 1,
     }
 }
 
