@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """rpc_proxy demo: real Thrift calls through the whole mesh, end to end.
 
-Starts a throwaway ZooKeeper, `rpc_lb` for service `echo` with three Python worker
-processes (rpc_thrift.RpcWorker running the generated Echo processor), which registers
-itself in ZooKeeper under product `demo`; starts `rpc_proxy`; calls it with the generated
-Python client over the proxy's unix socket; then stops everything gracefully (workers, LB
-and proxy with SIGTERM, each exit code checked). Exits 0 when every step worked, 1 otherwise.
+Starts a throwaway ZooKeeper and `rpc_lb` for service `echo`, which starts its three Python
+worker processes itself (`worker_command`: rpc_thrift.RpcWorker running the generated Echo
+processor, tests/e2e/supervised_worker.py) and registers in ZooKeeper under product `demo`
+once they are ready; starts `rpc_proxy`; calls it with the generated Python client over the
+proxy's unix socket; replaces every worker with a rolling restart (SIGHUP to rpc_lb) while
+calling; then stops everything gracefully (the LB, which stops its workers, and the proxy
+with SIGTERM, each exit code checked). Exits 0 when every step worked, 1 otherwise.
 
 Usage: demo/demo.py [--proxy-bin PATH] [--lb-bin PATH] [--keep]   (scripts/demo.sh builds first)
 """
 
 import argparse
+import shlex
 import shutil
 import signal
 import sys
@@ -22,6 +25,8 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 import harness  # noqa: E402 - lives in tests/e2e, shared with the test suite
 
 PRODUCT = "demo"
+WORKER = ROOT / "tests" / "e2e" / "supervised_worker.py"
+WORKERS = 3
 
 
 def step(text):
@@ -34,10 +39,21 @@ def expect(shown, got, want):
         raise RuntimeError(f"{shown}: expected {want!r}, got {got!r}")
 
 
+def worker_pids(conn, want_generation, calls=60):
+    """{slot: pid} of the workers that answered `whoami()` (`<slot>:<generation>:<pid>`)
+    in `calls` calls, if all are of `want_generation`; None otherwise."""
+    seen = {}
+    for _ in range(calls):
+        slot, generation, pid = conn.whoami().split(":")
+        if int(generation) != want_generation:
+            return None
+        seen[int(slot)] = int(pid)
+    return seen if len(seen) == WORKERS else None
+
+
 def run(proxy_bin, lb_bin, base):
     zk = harness.ZooKeeperServer(base / "zk")
     lb = kz = proxy = None
-    workers = []
     try:
         step("starting ZooKeeper")
         zk.start()
@@ -46,15 +62,21 @@ def run(proxy_bin, lb_bin, base):
         step("generating the Python code of idl/echo.thrift")
         idl = harness.generate_echo(base / "gen-py")
 
-        step("starting rpc_lb for service `echo` and three Python workers")
+        step(f"starting rpc_lb for service `echo`; it starts {WORKERS} Python workers itself")
         lb_dir = base / "lb"
         lb_dir.mkdir()
-        lb = harness.Lb(lb_bin, lb_dir, {"zk": zk.address, "product": PRODUCT, "service": "echo"})
+        command = [sys.executable, str(WORKER), "--gen-dir", str(idl.gen_dir), "--pool-size", "2"]
+        settings = {
+            "zk": zk.address,
+            "product": PRODUCT,
+            "service": "echo",
+            "worker_command": shlex.join(command),
+            "worker_processes": str(WORKERS),
+        }
+        lb = harness.Lb(lb_bin, lb_dir, settings)
         lb.start()
         print(f"rpc_lb (pid {lb.pid}) front {lb.frontend}, workers dial {lb.back_address}")
-        for i in range(3):
-            worker = harness.Worker(idl.gen_dir, lb.back_address, f"worker-{i}", base, pool_size=2)
-            workers.append(worker.start())
+        print(f"worker_command={settings['worker_command']}")
         kz = harness.kazoo_client(zk.address)
         node = lb.node_path(PRODUCT)
         harness.wait_until(lambda: kz.exists(node), 30, "the LB registers in ZooKeeper")
@@ -76,19 +98,34 @@ def run(proxy_bin, lb_bin, base):
         with harness.EchoConnection(idl, proxy.address, service="echo") as conn:
             expect('echo("hello")', conn.echo("hello"), "hello")
             expect("add(2, 3)", conn.add(2, 3), 5)
-            served = sorted({conn.whoami() for _ in range(30)})
-            print(f"whoami() x 30 answered by {served}")
+            first = harness.wait_until(lambda: worker_pids(conn, 0), 30, "every worker answers")
+            print(f"whoami() answered by the workers {{slot: pid}} = {first}")
             try:
                 conn.fail("declared")
             except idl.EchoError as exc:
                 print(f"fail('declared') -> EchoError(message={exc.message!r}, code={exc.code})")
 
-        step("stopping: workers, then the LB, then the proxy (SIGTERM each)")
-        for worker in workers:
-            code = worker.stop(signal.SIGTERM)
-            print(f"worker {worker.name} exited with code {code}")
-            if code != 0:
-                raise RuntimeError(f"worker {worker.name} exit code {code}, want 0")
+            step("rolling restart: SIGHUP to rpc_lb (each worker replaced once its successor runs)")
+            lb.send_signal(signal.SIGHUP)
+            calls, failures = 0, []
+
+            def rolled():
+                nonlocal calls
+                calls += 60
+                try:
+                    return worker_pids(conn, 1)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    failures.append(exc)
+                    return None
+
+            second = harness.wait_until(rolled, 60, "every worker replaced (generation 1)")
+            if failures:
+                raise RuntimeError(f"calls failed during the rolling restart: {failures[:3]}")
+            print(f"after {calls} calls, none failed: generation 1 workers {second}")
+            if set(first.values()) & set(second.values()):
+                raise RuntimeError(f"workers not replaced: {first} -> {second}")
+
+        step("stopping: the LB (it stops its workers), then the proxy (SIGTERM each)")
         for name, proc in (("rpc_lb", lb), ("rpc_proxy", proxy)):
             code = proc.stop(signal.SIGTERM, timeout=30)
             print(f"{name} exited with code {code}")
@@ -102,11 +139,10 @@ def run(proxy_bin, lb_bin, base):
                 print(proc.output(), file=sys.stderr)
         return 1
     finally:
+        # Killing the LB kills its workers too (setpriv --pdeathsig).
         for proc in (proxy, lb):
             if proc is not None:
                 proc.kill()
-        for worker in workers:
-            worker.kill()
         if kz is not None:
             kz.stop()
             kz.close()

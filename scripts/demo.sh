@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo: installs what is missing (scripts/setup.sh), builds rpc_proxy, rpc_lb and the
-# rpc_thrift worker package, then runs demo/demo.py: a throwaway ZooKeeper, rpc_lb with three
-# Python workers, rpc_proxy, and real Thrift calls from a generated client through the proxy's
-# unix socket; everything is stopped gracefully. Exits non-zero when any step fails.
+# rpc_thrift worker package, then runs demo/demo.py: a throwaway ZooKeeper, rpc_lb starting its
+# three Python workers itself (worker_command), rpc_proxy, real Thrift calls from a generated
+# client through the proxy's unix socket, a rolling restart of the workers (SIGHUP) while
+# calling; everything is stopped gracefully. Exits non-zero when any step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -8,6 +8,15 @@
 //! call that timed out keeps its slot until the worker answers (a hung handler is not given
 //! more work).
 //!
+//! # Calls served and the age of the oldest call (`/status`, recycling, the watchdog)
+//! `served` counts the calls a worker finished. The age of its oldest call comes from the
+//! calls it holds: each call handed to a worker is booked with its dispatch time, and its
+//! [`ReplyTo`] settles the booking when the caller is answered. A reply removes it; an error
+//! the LB sent while the worker may still run the call (the LB's timeout) keeps it, as
+//! *expired*, for as long as the worker's `inflight` count says it may still hold that many
+//! calls (a late reply frees one; which one is not known, so the newest go first and the
+//! oldest age is never understated).
+//!
 //! # Marks (CONTRACT section 9, "LB refusals and LB failures, marked")
 //! Every code-6 error the LB raises itself carries field 3, a [`Mark`]: [`Mark::Refused`]
 //! when no handler saw the call ([`Call::fail`]: a [`Reject`], a deadline spent in the
@@ -17,9 +26,9 @@
 //! untouched, and so unmarked; so does the code-6 error for a worker reply over
 //! `max_frame_size` (the handler's doing, like its exceptions).
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rpc_frame::{ExceptionCode, Mark, Message};
@@ -30,7 +39,7 @@ use crate::metrics::{Meter, Outcome};
 
 // What the scheduler reports lives in a module of its own, so that `metrics` needs nothing
 // of this one.
-pub use crate::load::{Reject, WorkerId, WorkerLoad, WorkerStatus};
+pub use crate::load::{Reject, WorkerId, WorkerLoad, WorkerState, WorkerStatus};
 
 /// A front connection's reply queue. Every frame queued holds its bytes against the
 /// connection's byte budget until written, so the connection stops reading a peer that does
@@ -75,13 +84,33 @@ pub struct ReplyTo {
     pub tx: FrontTx,
     /// The seqid the proxy used.
     pub seqid: i32,
+    /// The call's booking on the worker it was handed to (module docs); `None` before.
+    held: Option<Held>,
+}
+
+/// A call's booking on a worker: settled when its caller is answered.
+#[derive(Debug, Clone)]
+struct Held {
+    book: Weak<Mutex<State>>,
+    worker: WorkerId,
+    token: u64,
 }
 
 impl ReplyTo {
+    /// Where to answer the proxy's call `seqid`.
+    pub fn new(tx: FrontTx, seqid: i32) -> Self {
+        ReplyTo {
+            tx,
+            seqid,
+            held: None,
+        }
+    }
+
     /// Sends a worker's reply, as it is, with the proxy's seqid; when the front connection's
     /// byte budget has no room for it, the caller gets a code-6 error marked
     /// [`Mark::Failed`] instead (the handler ran; its answer is lost at the LB).
     pub fn reply(&self, mut message: Message) {
+        self.settle(true);
         message.set_seqid(self.seqid);
         let method = message.name().to_owned();
         if self.tx.send_within_budget(message.into_wire()).is_err() {
@@ -97,9 +126,34 @@ impl ReplyTo {
     /// Sends a `TApplicationException` for `method`, with field 3 set to `mark` when there is
     /// one (module docs: the LB's own refusals and failures are marked, nothing else).
     pub fn fail(&self, method: &str, code: ExceptionCode, text: &str, mark: Option<Mark>) {
+        self.settle(false);
         self.tx.send(rpc_frame::marked_application_exception(
             method, self.seqid, code, text, mark,
         ));
+    }
+}
+
+// === impl ReplyTo ===
+
+impl ReplyTo {
+    /// The caller is being answered: with the worker's reply (`replied`: the worker is done
+    /// with the call) or with an error of the LB's (the worker may still run it: module docs).
+    fn settle(&self, replied: bool) {
+        let Some(held) = &self.held else { return };
+        let Some(book) = held.book.upgrade() else {
+            return;
+        };
+        let mut state = lock(&book);
+        let Some(worker) = state.workers.iter_mut().find(|w| w.id == held.worker) else {
+            return;
+        };
+        let Some(since) = worker.live.remove(&held.token) else {
+            return;
+        };
+        if !replied {
+            worker.expired.insert(held.token, since);
+        }
+        worker.prune_expired();
     }
 }
 
@@ -147,6 +201,15 @@ struct Worker {
     pid: Option<u32>,
     /// False after the worker sent STOP or the LB told it to stop.
     active: bool,
+    /// Marked hung (the watchdog): out of rotation for good.
+    hung: bool,
+    /// Calls it finished (answered, or written for ONEWAY).
+    served: u64,
+    /// Calls handed to it whose caller is still waiting: dispatch time by booking token
+    /// (tokens grow with time, so the first is the oldest).
+    live: BTreeMap<u64, Instant>,
+    /// Calls whose caller got the LB's error while the worker may still run them.
+    expired: BTreeMap<u64, Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +220,15 @@ struct State {
     stopping: bool,
     /// Where the next tie-break starts.
     cursor: usize,
+    /// The next booking token.
+    next_token: u64,
+    /// This state itself, for the bookings handed out with calls.
+    me: Weak<Mutex<State>>,
+}
+
+/// Locks `state`, poisoned or not (no invariant spans a panic: every update is one step).
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 // === impl Dispatcher ===
@@ -164,21 +236,24 @@ struct State {
 /// The scheduler shared by the front and worker connections.
 #[derive(Debug)]
 pub struct Dispatcher {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     max_queue: usize,
 }
 
 impl Dispatcher {
     /// An empty dispatcher whose queue holds at most `max_queue` calls.
     pub fn new(max_queue: usize) -> Self {
-        Dispatcher {
-            state: Mutex::new(State::default()),
-            max_queue,
-        }
+        let state = Arc::new_cyclic(|me| {
+            Mutex::new(State {
+                me: me.clone(),
+                ..State::default()
+            })
+        });
+        Dispatcher { state, max_queue }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Takes a call: to the least loaded worker with room, else into the queue.
@@ -195,21 +270,13 @@ impl Dispatcher {
             return Err((call, Reject::Stopping));
         }
         let mut call = call;
+        // Handed back by a worker that never wrote it: its booking there is void.
+        state.unbook(&mut call);
         while let Some(index) = least_loaded(&state.workers, &mut state.cursor) {
-            let worker = &mut state.workers[index];
-            match worker.tx.send(ToWorker::Call(call)) {
-                Ok(()) => {
-                    worker.inflight += 1;
-                    return Ok(());
-                }
-                Err(mpsc::error::SendError(ToWorker::Call(back))) => {
-                    // The connection is gone and its task will remove it; skip it now.
-                    worker.active = false;
-                    call = back;
-                }
-                Err(mpsc::error::SendError(ToWorker::Control(_))) => {
-                    unreachable!("a call was sent")
-                }
+            match state.hand_over(index, call) {
+                Ok(()) => return Ok(()),
+                // The connection is gone and its task will remove it; skip it now.
+                Err(back) => call = back,
             }
         }
         if !state.workers.iter().any(|w| w.active) {
@@ -247,6 +314,10 @@ impl Dispatcher {
             capacity: capacity.max(1),
             pid,
             active,
+            hung: false,
+            served: 0,
+            live: BTreeMap::new(),
+            expired: BTreeMap::new(),
         });
         drain_queue(&mut state);
         id
@@ -269,8 +340,58 @@ impl Dispatcher {
         let mut state = self.state();
         if let Some(worker) = state.workers.iter_mut().find(|w| w.id == id) {
             worker.inflight = worker.inflight.saturating_sub(1);
+            worker.served += 1;
         }
         drain_queue(&mut state);
+    }
+
+    /// The watchdog found worker `id` hung: it gets no new call, for good (its calls stay
+    /// booked until it answers or goes). Returns whether it was known.
+    pub fn set_hung(&self, id: WorkerId) -> bool {
+        let mut state = self.state();
+        match state.workers.iter_mut().find(|w| w.id == id) {
+            Some(worker) => {
+                worker.active = false;
+                worker.hung = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The process id of worker `id`, when it is known and has told it.
+    pub fn pid_of(&self, id: WorkerId) -> Option<u32> {
+        let state = self.state();
+        state
+            .workers
+            .iter()
+            .find(|w| w.id == id)
+            .and_then(|w| w.pid)
+    }
+
+    /// Calls worker `id` has finished so far; `None` once it is gone.
+    pub fn served(&self, id: WorkerId) -> Option<u64> {
+        let state = self.state();
+        state.workers.iter().find(|w| w.id == id).map(|w| w.served)
+    }
+
+    /// How long worker `id` has held its oldest call (module docs); `None` when it holds
+    /// none or is gone.
+    pub fn oldest_call(&self, id: WorkerId, now: Instant) -> Option<Duration> {
+        let state = self.state();
+        let worker = state.workers.iter().find(|w| w.id == id)?;
+        worker.oldest_call(now)
+    }
+
+    /// The queued calls when no worker is left to take them (the last one sent STOP or
+    /// left): they are refused at once rather than left to time out. Empty otherwise, and
+    /// once stopping (the stop refuses them itself).
+    pub fn orphans(&self) -> Vec<Call> {
+        let mut state = self.state();
+        if state.stopping || state.queue.is_empty() || state.workers.iter().any(|w| w.active) {
+            return Vec::new();
+        }
+        state.queue.drain(..).collect()
     }
 
     /// The worker sent STOP: no new calls for it. Returns whether it was known.
@@ -340,16 +461,73 @@ impl Dispatcher {
         self.state().workers.iter().map(Worker::load).collect()
     }
 
-    /// Every worker's load and pid (`/status`).
+    /// Every worker's load, pid, calls served and oldest call (`/status`).
     pub fn workers(&self) -> Vec<WorkerStatus> {
+        let now = Instant::now();
         self.state()
             .workers
             .iter()
             .map(|w| WorkerStatus {
                 load: w.load(),
                 pid: w.pid,
+                served: w.served,
+                oldest_call: w.oldest_call(now),
             })
             .collect()
+    }
+}
+
+// === impl State ===
+
+impl State {
+    /// Hands `call` to worker `index` and books it there; gives it back when the
+    /// connection is gone (the worker is then marked inactive).
+    // The call comes back by value, as from `submit`.
+    #[allow(clippy::result_large_err)]
+    fn hand_over(&mut self, index: usize, mut call: Call) -> Result<(), Call> {
+        let token = self.next_token;
+        self.next_token += 1;
+        let book = self.me.clone();
+        let worker = &mut self.workers[index];
+        let booked = match call.reply.as_mut() {
+            Some(reply) => {
+                reply.held = Some(Held {
+                    book,
+                    worker: worker.id,
+                    token,
+                });
+                true
+            }
+            None => false,
+        };
+        match worker.tx.send(ToWorker::Call(call)) {
+            Ok(()) => {
+                worker.inflight += 1;
+                // Under the lock, so the call cannot be settled before it is booked.
+                if booked {
+                    worker.live.insert(token, Instant::now());
+                }
+                Ok(())
+            }
+            Err(mpsc::error::SendError(ToWorker::Call(mut back))) => {
+                worker.active = false;
+                if let Some(reply) = back.reply.as_mut() {
+                    reply.held = None;
+                }
+                Err(back)
+            }
+            Err(mpsc::error::SendError(ToWorker::Control(_))) => unreachable!("a call was sent"),
+        }
+    }
+
+    /// Voids the booking of a call handed back unwritten.
+    fn unbook(&mut self, call: &mut Call) {
+        let Some(held) = call.reply.as_mut().and_then(|r| r.held.take()) else {
+            return;
+        };
+        if let Some(worker) = self.workers.iter_mut().find(|w| w.id == held.worker) {
+            worker.live.remove(&held.token);
+        }
     }
 }
 
@@ -362,7 +540,33 @@ impl Worker {
             inflight: self.inflight,
             capacity: self.capacity,
             active: self.active,
+            hung: self.hung,
         }
+    }
+
+    /// Expired calls it may still hold: `inflight` minus the calls whose callers wait.
+    fn expired_held(&self) -> usize {
+        self.inflight.saturating_sub(self.live.len())
+    }
+
+    /// Forgets expired calls beyond what it may still hold, newest first (module docs).
+    fn prune_expired(&mut self) {
+        while self.expired.len() > self.expired_held() {
+            self.expired.pop_last();
+        }
+    }
+
+    /// How long it has held its oldest call.
+    fn oldest_call(&self, now: Instant) -> Option<Duration> {
+        let live = self.live.values().next();
+        let expired = (self.expired_held() > 0)
+            .then(|| self.expired.values().next())
+            .flatten();
+        let since = match (live, expired) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(now.saturating_duration_since(*since))
     }
 }
 
@@ -393,14 +597,8 @@ fn drain_queue(state: &mut State) {
         let Some(call) = state.queue.pop_front() else {
             return;
         };
-        let worker = &mut state.workers[index];
-        match worker.tx.send(ToWorker::Call(call)) {
-            Ok(()) => worker.inflight += 1,
-            Err(mpsc::error::SendError(ToWorker::Call(back))) => {
-                worker.active = false;
-                state.queue.push_front(back);
-            }
-            Err(mpsc::error::SendError(ToWorker::Control(_))) => unreachable!("a call was sent"),
+        if let Err(back) = state.hand_over(index, call) {
+            state.queue.push_front(back);
         }
     }
 }
@@ -432,10 +630,7 @@ pub(crate) mod testing {
     pub(crate) fn call_from(tx: &FrontTx, name: &str, seqid: i32) -> Call {
         Call {
             message: message(MessageType::Call, name, seqid, &[0]),
-            reply: Some(ReplyTo {
-                tx: tx.clone(),
-                seqid,
-            }),
+            reply: Some(ReplyTo::new(tx.clone(), seqid)),
             deadline: Instant::now() + Duration::from_secs(60),
             meter: Meter::detached(),
             request: Charge::none(),
@@ -484,7 +679,7 @@ mod tests {
     #[test]
     fn reply_fail_is_unmarked_only_when_told() {
         let (tx, mut rx) = front(1 << 20);
-        let to = ReplyTo { tx, seqid: 3 };
+        let to = ReplyTo::new(tx, 3);
         to.fail("echo", ExceptionCode::InternalError, "plain", None);
         assert_error(&answer(&mut rx), 3, "plain", None);
     }
@@ -492,7 +687,7 @@ mod tests {
     #[test]
     fn reply_dropped_for_the_byte_budget_is_marked_failed() {
         let (tx, mut rx) = front(64);
-        let to = ReplyTo { tx, seqid: 5 };
+        let to = ReplyTo::new(tx, 5);
         // The worker's seqid is replaced by the proxy's.
         to.reply(message(MessageType::Reply, "echo", 900, &[7; 100]));
         assert_error(
@@ -638,6 +833,88 @@ mod tests {
         assert!(matches!(rx.try_recv(), Ok(ToWorker::Call(_))));
         assert!(matches!(rx.try_recv(), Ok(ToWorker::Control(_))));
         assert_eq!(d.submit(call(later())).unwrap_err().1, Reject::Stopping);
+    }
+
+    /// The call handed to the worker whose channel is `rx`.
+    fn handed(rx: &mut mpsc::UnboundedReceiver<ToWorker>) -> Call {
+        match rx.try_recv() {
+            Ok(ToWorker::Call(call)) => call,
+            _ => panic!("a call was handed over"),
+        }
+    }
+
+    fn booked(d: &Dispatcher) -> (usize, usize) {
+        let state = d.state();
+        (state.workers[0].live.len(), state.workers[0].expired.len())
+    }
+
+    #[test]
+    fn a_call_the_lb_timed_out_stays_booked_until_the_worker_may_no_longer_hold_it() {
+        let d = Dispatcher::new(10);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let id = d.add_worker(tx, 4, None);
+        let (front_tx, _front_rx) = testing::front(1 << 20);
+        for seqid in 1..=3 {
+            d.submit(call_from(&front_tx, "m", seqid)).unwrap();
+        }
+        let (a, b, c) = (handed(&mut rx), handed(&mut rx), handed(&mut rx));
+        assert_eq!(booked(&d), (3, 0));
+        let later = Instant::now() + Duration::from_secs(10);
+        assert!(d.oldest_call(id, later).unwrap() >= Duration::from_secs(10));
+        // The LB's timeout answers A; the worker still runs it.
+        let fail = |call: &Call| {
+            let reply = call.reply.as_ref().unwrap();
+            reply.fail(
+                "m",
+                ExceptionCode::InternalError,
+                "timeout",
+                Some(Mark::Failed),
+            );
+        };
+        fail(&a);
+        assert_eq!(booked(&d), (2, 1));
+        // B's reply: A is still held.
+        let reply = |call: Call| {
+            d.finished(id);
+            let seqid = call.reply.as_ref().unwrap().seqid;
+            call.reply
+                .unwrap()
+                .reply(message(MessageType::Reply, "m", seqid, &[0]));
+        };
+        reply(b);
+        assert_eq!(booked(&d), (1, 1));
+        assert!(d.oldest_call(id, later).is_some());
+        // A's late reply (no caller left): C is the only call held.
+        d.finished(id);
+        assert_eq!(d.state().workers[0].expired_held(), 0);
+        reply(c);
+        assert_eq!(booked(&d), (0, 0), "A is forgotten at the next settlement");
+        assert_eq!(d.oldest_call(id, later), None);
+        assert_eq!(d.served(id), Some(3));
+    }
+
+    #[test]
+    fn queued_calls_are_orphans_once_no_worker_is_left() {
+        let d = Dispatcher::new(10);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let w = d.add_worker(tx, 1, None);
+        d.submit(call(later())).unwrap();
+        d.submit(call(later())).unwrap();
+        assert!(d.orphans().is_empty(), "a worker may still take it");
+        assert!(d.deactivate(w));
+        assert_eq!(d.orphans().len(), 1);
+        assert_eq!(d.queued(), 0);
+    }
+
+    #[test]
+    fn a_hung_worker_takes_nothing_new() {
+        let d = Dispatcher::new(10);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let w = d.add_worker(tx, 1, Some(5));
+        assert!(d.set_hung(w));
+        assert_eq!(d.loads()[0].state(), WorkerState::Hung);
+        assert_eq!(d.submit(call(later())).unwrap_err().1, Reject::NoWorker);
+        assert_eq!(d.pid_of(w), Some(5));
     }
 
     #[test]

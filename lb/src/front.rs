@@ -510,10 +510,7 @@ impl Frames<'_> {
             let reply = (message.message_type() == MessageType::Call).then(|| {
                 // Exactly one frame answers a call: its reply or an error.
                 flow.owe();
-                ReplyTo {
-                    tx: tx.clone(),
-                    seqid,
-                }
+                ReplyTo::new(tx.clone(), seqid)
             });
             let now = Instant::now();
             let call = Call {

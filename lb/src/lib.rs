@@ -7,12 +7,19 @@
 //! - [`front`]: proxy connections; calls in, replies out in completion order.
 //! - [`dispatch`]: least-loaded dispatch within worker capacity, bounded wait queue.
 //! - [`load`]: what the dispatcher reports (a worker's load, why a call was refused).
-//! - [`workers`]: worker connections (seqid rewrite, heartbeats, STOP, HELLO).
+//! - [`workers`]: worker connections (seqid rewrite, heartbeats, STOP, HELLO, hung calls).
+//! - [`watchdog`]: what happens to a hung worker (stack dump, kill, its callers answered).
+//! - [`stack`]: reading a Python worker's `faulthandler` stack dump.
 //! - [`registration`]: the ZooKeeper node follows the workers (and maintenance).
 //! - [`address`]: which address to listen on and register.
 //! - [`metrics`]: what is measured (calls, rejections, workers, queue, ZooKeeper).
-//! - [`admin`]: the admin routes (`/healthz`, `/metrics`, `/status`, `/drain`, `/resume`).
+//! - [`admin`]: the admin routes (`/healthz`, `/metrics`, `/status`, `/drain`, `/resume`,
+//!   `/workers/restart`).
 //! - [`status`]: the periodic status log line.
+//! - [`supervisor`]: the workers the LB starts itself (`worker_command`): restarts with
+//!   [`backoff`], recycling, rolling restarts, the watchdog's kills; [`process`] starts one
+//!   and logs its output.
+//! - [`reload`]: SIGHUP re-reads the configuration (supervision keys applied live).
 //!
 //! # Maintenance (`POST /drain`, `POST /resume`)
 //! The node is wanted while at least one worker takes calls and the LB is not in
@@ -24,10 +31,24 @@
 //!    says 503 from here on.
 //! 2. Keep serving what proxies still send until the front has been quiet for a moment or
 //!    every proxy connection has closed.
-//! 3. Stop accepting proxies and workers; send every worker STOP_CONFIRM (nothing new is
-//!    coming); queued calls that no worker took get code 6 (marked refused, below).
-//! 4. Wait until every call in flight has its reply delivered.
+//! 3. Stop accepting proxies and workers; send every worker the LB started SIGTERM (it sends
+//!    STOP, finishes its calls, exits; none is restarted), and every worker STOP_CONFIRM
+//!    (nothing new is coming); queued calls that no worker took get code 6 (marked refused,
+//!    below).
+//! 4. Wait until every call in flight has its reply delivered and every worker the LB
+//!    started has exited; at the end of the grace, SIGKILL the ones left.
 //! 5. Close the front connections and the admin endpoint; return.
+//!
+//! # SIGHUP, `POST /workers/restart`
+//! SIGHUP re-reads the configuration file ([`reload`]); when it is valid, the supervision
+//! keys are applied and, with `worker_command`, the workers get a rolling restart
+//! ([`supervisor`]). `POST /workers/restart` makes the rolling restart alone. Without
+//! `worker_command` SIGHUP only re-reads the file.
+//!
+//! # Workers leaving with calls queued
+//! When the last worker taking calls leaves (or sends STOP), the calls still queued for a
+//! worker are refused at once (code 6 `Worker FOR <svc>.<method> Not Found`, marked refused)
+//! rather than left to time out.
 //!
 //! # Errors the LB raises itself (CONTRACT section 9)
 //! The node data announces `"marks": 1` ([`registration::MARKS`]), and every code-6
@@ -43,20 +64,28 @@
 
 pub mod address;
 pub mod admin;
+pub mod backoff;
 pub mod dispatch;
 pub mod front;
 pub mod load;
 pub mod metrics;
+pub mod process;
 pub mod registration;
+pub mod reload;
+pub mod stack;
 pub mod status;
+pub mod supervisor;
+pub mod watchdog;
 pub mod workers;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rpc_admin::AdminListener;
 use rpc_config::LbConfig;
 use rpc_registry::{EndpointInfo, ZkSettings};
+use rpc_runtime::ReloadRequests;
 use rpc_runtime::listener::{Listener, Stream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -67,7 +96,9 @@ use crate::dispatch::{Dispatcher, Reject};
 use crate::front::{Activity, FrontSettings};
 use crate::metrics::{LbMetrics, Outcome};
 use crate::registration::Registrar;
-use crate::workers::{WorkerEvent, WorkerSettings};
+use crate::supervisor::{Supervisor, SupervisorSettings};
+use crate::watchdog::{HungKiller, HungWorkers, Watchdog};
+use crate::workers::{WorkerEvent, WorkerSettings, WorkerTimeout};
 
 /// How long the front must be quiet (no new call) before the LB stops taking calls.
 pub const QUIET_PERIOD: Duration = Duration::from_millis(1500);
@@ -89,6 +120,10 @@ pub struct LbRun {
     pub info: EndpointInfo,
     /// The bound `admin_address` socket, if configured.
     pub admin: Option<AdminListener>,
+    /// The configuration file, read again on SIGHUP.
+    pub config_path: Option<PathBuf>,
+    /// SIGHUP, caught (`None`: reloads are not asked for, SIGHUP's default stays).
+    pub reloads: Option<ReloadRequests>,
 }
 
 /// Longest wait for the admin endpoint to close at the end of the stop.
@@ -97,11 +132,13 @@ const ADMIN_CLOSE: Duration = Duration::from_secs(1);
 /// Runs the LB until `shutdown` is cancelled and the drain is over.
 pub async fn run(lb: LbRun, shutdown: CancellationToken) {
     let LbRun {
-        config,
+        mut config,
         front,
         back,
         info,
         admin,
+        config_path,
+        mut reloads,
     } = lb;
     let zk = ZkSettings {
         servers: config.common.zk.clone(),
@@ -130,6 +167,20 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         process_budget: rpc_mux::ProcessBudget::new(config.common.max_process_buffer_bytes),
         metrics: metrics.clone(),
     });
+    let supervisor = Supervisor::spawn(
+        SupervisorSettings {
+            config: config.supervision.clone(),
+            back_address: config.back_address.to_string(),
+            service: config.service.clone(),
+            retire_grace: config.drain_grace,
+        },
+        dispatcher.clone(),
+        metrics.clone(),
+    );
+    let hung = Arc::new(HungWorkers::default());
+    let killer: Arc<dyn HungKiller> = Arc::new(supervisor.clone());
+    let watchdog = Watchdog::new(hung.clone(), Some(killer), &config.service);
+    let worker_timeout = Arc::new(WorkerTimeout::new(config.supervision.timeout));
     let worker_settings = Arc::new(WorkerSettings {
         service: config.service.clone(),
         default_capacity: config.worker_pool_size,
@@ -139,6 +190,8 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         write_timeout: config.common.write_timeout,
         max_frame_size: config.common.max_frame_size,
         metrics: metrics.clone(),
+        worker_timeout: worker_timeout.clone(),
+        hung: hung.clone(),
     });
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let stop_accepting = CancellationToken::new();
@@ -154,6 +207,7 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         maintenance: maintenance_tx,
         shutdown: shutdown.clone(),
         metrics: metrics.clone(),
+        supervisor: supervisor.clone(),
     });
     // The admin endpoint outlives the drain (its /healthz says 503 meanwhile).
     let admin_stop = CancellationToken::new();
@@ -198,10 +252,16 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             event = events_rx.recv() => {
-                if event.is_none() {
+                let Some(event) = event else {
                     break;
+                };
+                for event in std::iter::once(event).chain(std::iter::from_fn(|| events_rx.try_recv().ok())) {
+                    worker_event(event, &state, &watchdog);
                 }
-                while events_rx.try_recv().is_ok() {}
+            }
+            _ = supervisor.changed() => {}
+            Some(()) = next_reload(&mut reloads) => {
+                reload_config(config_path.as_deref(), &mut config, &supervisor, &worker_timeout, &metrics);
             }
             changed = maintenance.changed() => {
                 if changed.is_err() {
@@ -233,6 +293,7 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
     stop_accepting.cancel();
     let _ = front_accept.await;
     let _ = back_accept.await;
+    supervisor.stop();
     let queued = dispatcher.stop_all();
     for call in queued {
         front::reject(call, Reject::Stopping, &config.service, &metrics);
@@ -242,12 +303,25 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         outstanding = dispatcher.outstanding(),
         "stopping: waiting for calls in flight"
     );
-    wait_until(deadline, || dispatcher.outstanding() == 0).await;
+    wait_until(deadline, || {
+        dispatcher.outstanding() == 0 && supervisor.running() == 0
+    })
+    .await;
     if dispatcher.outstanding() > 0 {
         tracing::warn!(
             left = dispatcher.outstanding(),
             "drain grace over with calls in flight"
         );
+    }
+    if supervisor.running() > 0 {
+        tracing::warn!(
+            left = supervisor.kill_all(),
+            "drain grace over with supervised workers running: SIGKILL"
+        );
+        wait_until(Instant::now() + Duration::from_secs(2), || {
+            supervisor.running() == 0
+        })
+        .await;
     }
     // 5. Close.
     close_front.cancel();
@@ -262,6 +336,55 @@ pub async fn run(lb: LbRun, shutdown: CancellationToken) {
         let _ = tokio::time::timeout(ADMIN_CLOSE, admin).await;
     }
     tracing::info!("rpc_lb stopped");
+}
+
+/// Handles one worker event in the main loop: the supervisor looks at its workers when one
+/// joins or leaves; calls queued when the last worker left are refused at once; a hung
+/// worker goes to the watchdog.
+fn worker_event(event: WorkerEvent, state: &LbState, watchdog: &Watchdog) {
+    match event {
+        WorkerEvent::Joined(_) => state.supervisor.workers_changed(),
+        WorkerEvent::Left(_) => {
+            state.supervisor.workers_changed();
+            for call in state.dispatcher.orphans() {
+                front::reject(call, Reject::NoWorker, &state.service, &state.metrics);
+            }
+        }
+        WorkerEvent::Hung { id, pid } => {
+            state.dispatcher.set_hung(id);
+            watchdog.on_hung(id, pid);
+        }
+    }
+}
+
+/// The next SIGHUP; never, without reloads.
+async fn next_reload(reloads: &mut Option<ReloadRequests>) -> Option<()> {
+    match reloads {
+        Some(reloads) => reloads.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGHUP: re-reads the configuration file into `config` ([`reload`]) and hands the
+/// supervision keys to the supervisor, which restarts the workers when it starts them. A bad
+/// file changes nothing.
+fn reload_config(
+    path: Option<&std::path::Path>,
+    config: &mut LbConfig,
+    supervisor: &Supervisor,
+    worker_timeout: &WorkerTimeout,
+    metrics: &LbMetrics,
+) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: no configuration file to read again");
+        return;
+    };
+    let Ok(reloaded) = reload::reload(path, config, metrics) else {
+        return;
+    };
+    *config = reloaded.config;
+    worker_timeout.set(config.supervision.timeout);
+    supervisor.reconfigure(config.supervision.clone());
 }
 
 /// Polls `done` every 20 ms until it holds or `deadline` passes.

@@ -1,6 +1,6 @@
-//! `rpc_lb` command line: parse flags, read the configuration, set up logging, bind the front
-//! and back sockets, run until SIGTERM/SIGINT, drain, exit. See `lib.rs` for the shutdown
-//! order.
+//! `rpc_lb` command line: parse flags, read the configuration, set up logging, catch SIGHUP
+//! (a reload), bind the front and back sockets, run until SIGTERM/SIGINT, drain, exit. See
+//! `lib.rs` for the shutdown order.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,10 +59,13 @@ fn main() -> ExitCode {
         start_time: rpc_registry::now_start_time(),
         marks: rpc_lb::registration::MARKS,
     };
+    let config_path = cli.common.config.clone();
     startup::serve(
         "rpc_lb",
         config.common.worker_threads,
         |shutdown| async move {
+            // First: from here on SIGHUP reloads instead of ending the process.
+            let reloads = rpc_runtime::reload_requests().context("cannot catch SIGHUP")?;
             let mode = config.common.socket_mode;
             let front = Listener::bind(&front.listen, mode).await.context("front")?;
             let back = Listener::bind(&config.back_address, mode)
@@ -84,6 +87,8 @@ fn main() -> ExitCode {
                 back,
                 info,
                 admin,
+                config_path: Some(config_path),
+                reloads: Some(reloads),
             };
             rpc_lb::run(run, shutdown).await;
             Ok(())

@@ -1,15 +1,16 @@
 //! What the LB measures, for `GET /metrics` and the status log line: calls by method and
-//! outcome with their durations, rejected calls, worker joins and departures, ZooKeeper
-//! registration; and, read when scraped, workers connected and busy, worker slots, queue
-//! depth and proxy connections. Call metrics are bumped through handles cached per method
-//! (see [`rpc_metrics`]).
+//! outcome with their durations, rejected calls, worker joins and departures, supervised
+//! worker restarts and boot failures, configuration reloads, ZooKeeper registration; and,
+//! read when scraped, workers by state and busy, worker slots, queue depth and proxy
+//! connections. Call metrics are bumped through handles cached per method (see
+//! [`rpc_metrics`]).
 
 use std::sync::Mutex;
 
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Registry};
 use rpc_metrics::{self as m, CallMetrics};
 
-use crate::load::{Reject, WorkerLoad};
+use crate::load::{Reject, WorkerLoad, WorkerState};
 
 /// Metric name prefix.
 pub const PREFIX: &str = "rpc_lb";
@@ -69,6 +70,40 @@ fn reject_label(reject: Reject) -> &'static str {
     }
 }
 
+/// Why a supervised worker was restarted: the `reason` label of
+/// `rpc_lb_worker_restarts_total` (CONTRACT section 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartReason {
+    /// It exited (crashed, was killed, failed to boot).
+    Exit,
+    /// The watchdog killed it.
+    Hung,
+    /// Replaced after `worker_max_requests` calls.
+    Recycled,
+    /// Replaced by a rolling restart (SIGHUP, `POST /workers/restart`).
+    Rolling,
+}
+
+impl RestartReason {
+    /// Every reason, in label order.
+    pub const ALL: [RestartReason; 4] = [
+        RestartReason::Exit,
+        RestartReason::Hung,
+        RestartReason::Recycled,
+        RestartReason::Rolling,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RestartReason::Exit => "exit",
+            RestartReason::Hung => "hung",
+            RestartReason::Recycled => "recycled",
+            RestartReason::Rolling => "rolling",
+        }
+    }
+}
+
 /// The ZooKeeper registration counters, bumped by the registration task.
 #[derive(Debug, Clone)]
 pub struct RegistrationMetrics {
@@ -83,8 +118,10 @@ pub struct RegistrationMetrics {
 /// What the LB is doing now, read when scraped.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Every worker's load.
+    /// Every worker connection's load.
     pub workers: Vec<WorkerLoad>,
+    /// Workers the LB started that have not joined yet (no HELLO).
+    pub booting: usize,
     /// Calls waiting for a worker.
     pub queued: usize,
     /// Proxy connections open.
@@ -110,6 +147,10 @@ pub struct LbMetrics {
     pub workers_left: IntCounter,
     /// The registration counters.
     pub registration: RegistrationMetrics,
+    restarts: [IntCounter; 4],
+    /// `rpc_lb_worker_boot_failures_total`.
+    pub boot_failures: IntCounter,
+    reloads: [IntCounter; 2],
     workers: IntGaugeVec,
     workers_busy: IntGauge,
     slots: IntGauge,
@@ -136,6 +177,19 @@ impl LbMetrics {
             &["service", "reason"],
         );
         let reject = |r| rejected.with_label_values(&[service, reject_label(r)]);
+        let restarts = m::counter_vec(
+            &registry,
+            "rpc_lb_worker_restarts_total",
+            "Supervised workers started again, by reason (exit, hung, recycled, rolling).",
+            &["reason"],
+        );
+        let restart = |r: RestartReason| restarts.with_label_values(&[r.label()]);
+        let reloads = m::counter_vec(
+            &registry,
+            "rpc_lb_config_reloads_total",
+            "Configuration reloads (SIGHUP), by result (ok, error: the file was refused and the old configuration kept).",
+            &["result"],
+        );
         LbMetrics {
             calls,
             rejected: [
@@ -153,6 +207,16 @@ impl LbMetrics {
                 "rpc_lb_workers_left_total",
                 "Worker connections closed.",
             ),
+            restarts: RestartReason::ALL.map(restart),
+            boot_failures: m::counter(
+                &registry,
+                "rpc_lb_worker_boot_failures_total",
+                "Supervised workers that ended, or were killed, before sending HELLO (worker_boot_timeout_ms).",
+            ),
+            reloads: [
+                reloads.with_label_values(&["ok"]),
+                reloads.with_label_values(&["error"]),
+            ],
             registration: RegistrationMetrics {
                 registrations: m::counter(
                     &registry,
@@ -173,7 +237,7 @@ impl LbMetrics {
             workers: m::gauge_vec(
                 &registry,
                 "rpc_lb_workers",
-                "Worker connections, by state (active: takes calls; stopping: sent STOP or told to stop).",
+                "Workers, by state (booting: started by the LB, no HELLO yet; ready: takes calls; stopping: sent STOP or told to stop; hung: held a call past worker_timeout_ms).",
                 &["state"],
             ),
             workers_busy: m::gauge(
@@ -226,16 +290,29 @@ impl LbMetrics {
         .inc();
     }
 
+    /// Counts a supervised worker started again.
+    pub fn restarted(&self, reason: RestartReason) {
+        self.restarts[reason as usize].inc();
+    }
+
+    /// Counts a configuration reload: `ok`, or refused (`error`).
+    pub fn config_reload(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].inc();
+    }
+
     /// The Prometheus text of every metric, with the gauges set from `now`.
     pub fn render(&self, now: &Snapshot) -> Vec<u8> {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         let active = now.workers.iter().filter(|w| w.active);
-        self.workers
-            .with_label_values(&["active"])
-            .set(active.clone().count() as i64);
-        self.workers
-            .with_label_values(&["stopping"])
-            .set(now.workers.iter().filter(|w| !w.active).count() as i64);
+        for state in WorkerState::ALL {
+            let count = match state {
+                WorkerState::Booting => now.booting,
+                _ => now.workers.iter().filter(|w| w.state() == state).count(),
+            };
+            self.workers
+                .with_label_values(&[state.label()])
+                .set(count as i64);
+        }
         self.workers_busy
             .set(now.workers.iter().filter(|w| w.inflight > 0).count() as i64);
         self.slots
@@ -259,18 +336,27 @@ mod tests {
         let metrics = LbMetrics::new("echo");
         metrics.rejected(Reject::QueueFull);
         metrics.calls.start("echo").finish(Outcome::Ok);
+        metrics.restarted(RestartReason::Recycled);
+        metrics.boot_failures.inc();
+        metrics.config_reload(false);
         let load = |id, inflight, capacity, active| WorkerLoad {
             id,
             inflight,
             capacity,
             active,
+            hung: false,
         };
         let text = String::from_utf8(metrics.render(&Snapshot {
             workers: vec![
                 load(1, 2, 2, true),
                 load(2, 0, 4, true),
                 load(3, 1, 1, false),
+                WorkerLoad {
+                    hung: true,
+                    ..load(4, 1, 1, false)
+                },
             ],
+            booting: 3,
             queued: 5,
             client_connections: 2,
             registered: true,
@@ -278,11 +364,18 @@ mod tests {
         }))
         .unwrap();
         for line in [
-            r#"rpc_lb_workers{state="active"} 2"#,
+            r#"rpc_lb_workers{state="ready"} 2"#,
             r#"rpc_lb_workers{state="stopping"} 1"#,
-            "rpc_lb_workers_busy 2",
+            r#"rpc_lb_workers{state="hung"} 1"#,
+            r#"rpc_lb_workers{state="booting"} 3"#,
+            "rpc_lb_workers_busy 3",
             "rpc_lb_worker_slots 6",
-            "rpc_lb_worker_slots_busy 3",
+            "rpc_lb_worker_slots_busy 4",
+            r#"rpc_lb_worker_restarts_total{reason="recycled"} 1"#,
+            r#"rpc_lb_worker_restarts_total{reason="exit"} 0"#,
+            "rpc_lb_worker_boot_failures_total 1",
+            r#"rpc_lb_config_reloads_total{result="error"} 1"#,
+            r#"rpc_lb_config_reloads_total{result="ok"} 0"#,
             "rpc_lb_queue_depth 5",
             "rpc_lb_client_connections 2",
             "rpc_lb_zookeeper_registered 1",

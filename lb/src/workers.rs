@@ -26,6 +26,15 @@
 //! A call handed to a worker connection but never written goes back to the dispatcher, and
 //! its refusal there is marked [`Mark::Refused`] ([`resubmit`]).
 //!
+//! # A hung worker (`worker_timeout_ms`)
+//! A worker whose oldest held call has been held longer than `worker_timeout_ms` (counted
+//! from the moment it was handed to the worker, not from the front) is hung: its connection
+//! leaves the dispatcher (no new call; it no longer keeps the LB registered) and reports
+//! [`WorkerEvent::Hung`] once; [`crate::watchdog`] does the rest. The calls of a worker the
+//! watchdog kills are answered by the watchdog when the connection ends, with where its
+//! handler was stuck. A pid the watchdog banned (a hung worker the LB did not start) cannot
+//! join on any connection until its process exits.
+//!
 //! # Tracing a call to a worker
 //! Every call that reached a worker connection logs one `call done` line at debug level when
 //! its caller is answered (reply, exception, timeout, worker lost, bad reply): service,
@@ -35,8 +44,9 @@
 //! that comes after its caller got the timeout logs `late reply`; a ONEWAY call logs `oneway
 //! call handed to a worker`. Nothing per call is logged at info.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rpc_frame::{ExceptionCode, Hello, Mark, Message, MessageType};
@@ -47,6 +57,7 @@ use tokio::sync::mpsc;
 
 use crate::dispatch::{Call, Dispatcher, ReplyTo, ToWorker, WorkerId};
 use crate::metrics::{LbMetrics, Meter, Outcome};
+use crate::watchdog::HungWorkers;
 
 /// Tunables of worker connections.
 #[derive(Debug, Clone)]
@@ -68,6 +79,44 @@ pub struct WorkerSettings {
     pub max_frame_size: usize,
     /// Where calls and workers are counted.
     pub metrics: Arc<LbMetrics>,
+    /// A call held by one worker longer than this makes it hung (`worker_timeout_ms`, live:
+    /// a reload sets it).
+    pub worker_timeout: Arc<WorkerTimeout>,
+    /// The watchdog's state: killed workers' calls, banned pids.
+    pub hung: Arc<HungWorkers>,
+}
+
+/// `worker_timeout_ms` as every worker connection reads it on each clock tick: a reload
+/// (SIGHUP) changes it for the calls already held too.
+#[derive(Debug, Default)]
+pub struct WorkerTimeout {
+    /// Milliseconds; 0 = off.
+    ms: AtomicU64,
+}
+
+impl WorkerTimeout {
+    /// `timeout` (`None` = off).
+    pub fn new(timeout: Option<Duration>) -> Self {
+        let live = WorkerTimeout::default();
+        live.set(timeout);
+        live
+    }
+
+    /// The value now (`None` = off).
+    pub fn get(&self) -> Option<Duration> {
+        match self.ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Changes it (`None` = off).
+    pub fn set(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(0, |t| {
+            u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.ms.store(ms, Ordering::Relaxed);
+    }
 }
 
 /// Worker-side events, for logs and registration.
@@ -77,6 +126,14 @@ pub enum WorkerEvent {
     Joined(WorkerId),
     /// A worker sent STOP or left.
     Left(WorkerId),
+    /// A worker held a call past `worker_timeout_ms` and is out of rotation; `pid` from its
+    /// HELLO ([`crate::watchdog::Watchdog::on_hung`] takes it from here).
+    Hung {
+        /// The worker's connection.
+        id: WorkerId,
+        /// Its process, when its HELLO said.
+        pid: Option<u32>,
+    },
 }
 
 /// A call written to the worker, waiting for its reply.
@@ -91,6 +148,31 @@ pub struct Pending {
     started: Instant,
     /// Taken with `reply`: the call's outcome is recorded once.
     meter: Option<Meter>,
+    /// Its entry in the connection's dispatch times (the watchdog's clock).
+    ticket: u64,
+}
+
+impl Pending {
+    /// How long ago the call reached the front.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Answers the caller of a call whose worker the watchdog killed: code 6, marked failed
+    /// after dispatch, with `text` (no-op when the caller already got the LB's timeout).
+    pub fn fail_killed(self, text: &str) {
+        if let Some(reply) = self.reply {
+            reply.fail(
+                &self.method,
+                ExceptionCode::InternalError,
+                text,
+                Some(Mark::Failed),
+            );
+        }
+        if let Some(meter) = self.meter {
+            meter.finish(Outcome::WorkerLost);
+        }
+    }
 }
 
 /// Why the LB closes a back connection that is not (or no longer) a worker.
@@ -120,6 +202,11 @@ pub struct WorkerPolicy<'a> {
     /// Calls it held when it left, and calls handed back for another worker.
     lost: AtomicUsize,
     moved: AtomicUsize,
+    /// Set once its oldest call outlived `worker_timeout_ms`: out of rotation for good.
+    hung: AtomicBool,
+    /// When each held call was handed to the worker, oldest first, by ticket.
+    dispatched: Mutex<VecDeque<(u64, Instant)>>,
+    next_ticket: AtomicU64,
     tx: &'a mpsc::UnboundedSender<ToWorker>,
     dispatcher: &'a Arc<Dispatcher>,
     settings: &'a WorkerSettings,
@@ -142,6 +229,9 @@ impl<'a> WorkerPolicy<'a> {
             stopped: AtomicBool::new(false),
             lost: AtomicUsize::new(0),
             moved: AtomicUsize::new(0),
+            hung: AtomicBool::new(false),
+            dispatched: Mutex::new(VecDeque::new()),
+            next_ticket: AtomicU64::new(0),
             tx,
             dispatcher,
             settings,
@@ -187,6 +277,9 @@ pub async fn serve<R, W>(
     };
     let never = std::future::pending::<()>();
     let ending = rpc_mux::connection::run(&policy, &mux, reader, writer, &mut rx, never).await;
+    if let Some(id) = policy.id() {
+        settings.hung.connection_closed(id);
+    }
     let Some(id) = policy.id() else {
         // Never in the dispatcher: it held no call and nothing was handed to it.
         tracing::warn!(
@@ -229,6 +322,58 @@ impl WorkerPolicy<'_> {
         self.pid()
     }
 
+    /// Notes when a held call was handed to the worker; returns its ticket.
+    fn dispatched(&self, now: Instant) -> u64 {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        self.dispatch_times().push_back((ticket, now));
+        ticket
+    }
+
+    /// A held call left the worker (answered, or lost with it).
+    fn undispatched(&self, ticket: u64) {
+        let mut times = self.dispatch_times();
+        // Calls mostly finish in order: the front is the usual place.
+        if let Some(at) = times.iter().position(|&(t, _)| t == ticket) {
+            times.remove(at);
+        }
+    }
+
+    fn dispatch_times(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Instant)>> {
+        self.dispatched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long the oldest call the worker holds has been held.
+    fn oldest_held(&self) -> Option<Duration> {
+        self.dispatch_times().front().map(|&(_, at)| at.elapsed())
+    }
+
+    /// Takes a worker whose oldest call outlived `worker_timeout_ms` out of rotation and
+    /// reports it, once.
+    fn check_hung(&self, id: WorkerId) {
+        let Some(limit) = self.settings.worker_timeout.get() else {
+            return;
+        };
+        let Some(oldest) = self.oldest_held() else {
+            return;
+        };
+        if oldest < limit || self.hung.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.dispatcher.deactivate(id);
+        tracing::warn!(
+            service = self.settings.service,
+            worker = id,
+            pid = self.pid(),
+            held_ms = oldest.as_millis() as u64,
+            timeout_ms = limit.as_millis() as u64,
+            "worker hung: a call held longer than worker_timeout_ms; out of rotation"
+        );
+        let _ = self.events.send(WorkerEvent::Hung {
+            id,
+            pid: self.pid(),
+        });
+    }
+
     /// The connection proved to be a worker: it joins the dispatcher with `capacity` slots.
     fn activate(&self, capacity: usize, proof: &'static str) -> WorkerId {
         let id = self
@@ -258,7 +403,17 @@ impl WorkerPolicy<'_> {
             MessageType::Hello => match Hello::decode(message.body()) {
                 Some(hello) if !stopped => {
                     let capacity = hello_capacity(&hello, self.settings);
-                    self.learn_pid(&hello);
+                    if let Some(pid) = self.learn_pid(&hello)
+                        && self.settings.hung.is_banned(pid)
+                    {
+                        tracing::warn!(
+                            service = self.settings.service,
+                            conn = self.conn,
+                            pid,
+                            "a hung worker's process may not join again until it exits; closing"
+                        );
+                        return Err(NotWorker::NotAWorker);
+                    }
                     let id = self.activate(capacity, "hello");
                     log_hello(id, &hello, capacity, self.settings);
                 }
@@ -372,7 +527,7 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
     type Pending = Pending;
     type Close = NotWorker;
 
-    fn start(&self, call: Call, _: Instant) -> Start<Pending> {
+    fn start(&self, call: Call, now: Instant) -> Start<Pending> {
         let pending = match call.reply {
             // The proxy's seqid is kept in ReplyTo; the worker sees ours.
             Some(reply) => Some((
@@ -383,6 +538,7 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
                     method: call.message.name().to_owned(),
                     started: call.meter.started(),
                     meter: Some(call.meter),
+                    ticket: self.dispatched(now),
                 },
             )),
             // A ONEWAY call is done once written.
@@ -417,6 +573,7 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
     }
 
     fn reply(&self, pending: Pending, message: Message) {
+        self.undispatched(pending.ticket);
         if let Some(id) = self.id() {
             self.dispatcher.finished(id);
         }
@@ -470,11 +627,22 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
     }
 
     fn failed(&self, pending: Pending, failure: Failure<NotWorker>) {
+        self.undispatched(pending.ticket);
         match failure {
             Failure::Ended(ending) => {
                 if pending.reply.is_some() {
                     self.lost.fetch_add(1, Ordering::Relaxed);
                 }
+                // A worker the watchdog killed: its calls get the watchdog's message.
+                let pending = match self.id() {
+                    Some(id) if self.hung.load(Ordering::Relaxed) => {
+                        match self.settings.hung.held_call_lost(id, pending) {
+                            Some(pending) => pending,
+                            None => return,
+                        }
+                    }
+                    _ => pending,
+                };
                 let error = format!("worker lost ({ending:?}) while running the call");
                 self.fail(pending, &error, Outcome::WorkerLost, Some(Mark::Failed));
             }
@@ -538,10 +706,16 @@ impl rpc_mux::Policy for WorkerPolicy<'_> {
     }
 
     fn tick(&self, tick: &Tick) -> Result<(), NotWorker> {
-        if self.id().is_none() && tick.age >= self.settings.heartbeat_timeout {
-            return Err(NotWorker::NoHandshake);
+        match self.id() {
+            None if tick.age >= self.settings.heartbeat_timeout => Err(NotWorker::NoHandshake),
+            None => Ok(()),
+            Some(id) => {
+                if tick.held > 0 {
+                    self.check_hung(id);
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     fn ended(&self, _: Ending<NotWorker>) {
@@ -620,6 +794,8 @@ mod tests {
             write_timeout: Duration::from_secs(5),
             max_frame_size: 1000,
             metrics: Arc::new(LbMetrics::new("svc")),
+            worker_timeout: Arc::default(),
+            hung: Arc::default(),
         }
     }
 
@@ -705,6 +881,39 @@ mod tests {
             let passed = answer(&mut rx);
             assert_eq!(passed.body(), &body[..], "untouched");
             assert_error(&passed, 2, "KeyError: 'x'", None);
+        });
+    }
+
+    #[test]
+    fn calls_of_a_killed_worker_get_where_its_handler_was_stuck() {
+        with_policy(|policy| {
+            let id = policy.id().unwrap();
+            let (tx, mut rx) = front(1 << 20);
+            policy.hung.store(true, Ordering::Relaxed);
+            policy.settings.hung.start_killing(id);
+            // The connection ends (SIGKILL) before the report is ready: the call waits.
+            policy.failed(pending(policy, &tx, 1), Failure::Ended(Ending::Closed));
+            assert!(rx.try_recv().is_err(), "answered before the report");
+            policy.settings.hung.report(
+                id,
+                crate::watchdog::Report {
+                    pid: 77,
+                    blame: Some("/srv/h.py:3 in spin".into()),
+                },
+            );
+            let killed = answer(&mut rx);
+            let (_, text) = rpc_frame::parse_application_exception(killed.body()).unwrap();
+            assert!(
+                text.starts_with("Worker pid 77 killed after ")
+                    && text.ends_with(" ms: /srv/h.py:3 in spin"),
+                "{text}"
+            );
+            assert_eq!(rpc_frame::exception_mark(killed.body()), Some(Mark::Failed));
+            // A call that ends after the report is answered at once; then the slot goes.
+            policy.failed(pending(policy, &tx, 2), Failure::Ended(Ending::Closed));
+            assert_eq!(answer(&mut rx).seqid(), 2);
+            policy.settings.hung.connection_closed(id);
+            assert!(!policy.settings.hung.is_killing(id));
         });
     }
 }

@@ -17,7 +17,7 @@ use rpc_frame::{ExceptionCode, Hello, Mark, Message, MessageType};
 use rpc_lb::dispatch::Dispatcher;
 use rpc_lb::front::{self, Activity, FrontSettings};
 use rpc_lb::metrics::LbMetrics;
-use rpc_lb::workers::{self, WorkerEvent, WorkerSettings};
+use rpc_lb::workers::{self, WorkerEvent, WorkerSettings, WorkerTimeout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -45,6 +45,7 @@ struct Timings {
     write_timeout: Duration,
     max_buffer_bytes: usize,
     request_timeout: Duration,
+    worker_timeout: Option<Duration>,
 }
 
 impl Default for Timings {
@@ -57,6 +58,7 @@ impl Default for Timings {
             write_timeout: Duration::from_secs(30),
             max_buffer_bytes: 32 << 20,
             request_timeout: Duration::from_secs(10),
+            worker_timeout: None,
         }
     }
 }
@@ -99,6 +101,8 @@ impl Lb {
                 write_timeout: timings.write_timeout,
                 max_frame_size: MAX_FRAME,
                 metrics,
+                worker_timeout: Arc::new(WorkerTimeout::new(timings.worker_timeout)),
+                hung: Arc::default(),
             }),
             activity: Arc::new(Activity::default()),
             events,
@@ -1121,4 +1125,46 @@ async fn each_call_logs_one_debug_line_naming_its_worker_and_nothing_at_info() {
     };
     assert_eq!(lost.field("pid"), Some("31337"), "{lost:?}");
     assert_eq!(lost.field("method"), Some(call.name()), "{lost:?}");
+}
+
+/// A worker holding a call longer than `worker_timeout_ms` is hung: it leaves the rotation
+/// (no new call: the next one is refused, there being no other worker) and is reported once,
+/// with the pid of its HELLO, for the watchdog. The held call is still answered by the
+/// worker when it finishes (this worker was not killed).
+#[tokio::test]
+async fn a_worker_holding_a_call_past_the_worker_timeout_is_hung_and_out_of_rotation() {
+    let mut lb = Lb::new(Timings {
+        worker_timeout: Some(Duration::from_millis(300)),
+        ..Timings::default()
+    });
+    lb.worker(1).await;
+    let mut front = lb.front();
+    front.send_call("echo:slow", 1, b"x").await;
+    let hung = tokio::time::timeout(RECV, async {
+        loop {
+            match lb._events.recv().await {
+                Some(WorkerEvent::Hung { id, pid }) => return (id, pid),
+                Some(_) => {}
+                None => panic!("events closed"),
+            }
+        }
+    })
+    .await
+    .expect("no Hung event within RECV");
+    assert_eq!(hung.1, Some(WORKER_PID as u32));
+    assert_eq!(lb.dispatcher.active_workers(), 0, "out of rotation");
+    let refused = front.call("echo:echo", 2, b"y").await;
+    assert_marked(&refused, 2, Some(Mark::Refused), "Not Found");
+    let slow = front.recv().await;
+    assert_eq!((slow.message_type(), slow.seqid()), (MessageType::Reply, 1));
+    // Reported once.
+    let again = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let Some(WorkerEvent::Hung { .. }) = lb._events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(again.is_err(), "a second Hung event");
 }

@@ -218,7 +218,7 @@ def test_metrics_move_with_calls_through_proxy_and_lb(mesh, proxies, clients):
     assert sample(lb_text, "rpc_lb_requests_total", outcome="ok", **ok_labels) == ok_lb_before + 25
     assert sample(lb_text, "rpc_lb_requests_total", outcome="exception", **other) == 1
     assert sample(lb_text, "rpc_lb_request_duration_seconds_count", **ok_labels) >= 25
-    assert sample(lb_text, "rpc_lb_workers", state="active") == 1
+    assert sample(lb_text, "rpc_lb_workers", state="ready") == 1
     assert sample(lb_text, "rpc_lb_worker_slots") == 2
     assert sample(lb_text, "rpc_lb_queue_depth") == 0
     assert sample(lb_text, "rpc_lb_client_connections") >= 1
@@ -360,4 +360,4 @@ def test_lb_rejections_are_counted(mesh):
         sample(text, "rpc_lb_requests_total", service="echo", method="other", outcome="no_worker")
         == 1
     )
-    assert sample(text, "rpc_lb_workers", state="active") == 0
+    assert sample(text, "rpc_lb_workers", state="ready") == 0

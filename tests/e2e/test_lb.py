@@ -85,11 +85,14 @@ def mesh(lb_bin, zk_server, zk, product, workdir, echo_idl):
 
 class Load:
     """`threads` clients calling `echo` with unique payloads until stopped; counts results
-    and keeps the failures."""
+    and keeps the failures (`"tag: exc"` strings, or `(tag, exception)` pairs with
+    `keep_exceptions`). A client reconnects after any failure but a TApplicationException
+    (which leaves its connection usable)."""
 
-    def __init__(self, connect, address, threads=8, call=None):
+    def __init__(self, connect, address, threads=8, call=None, keep_exceptions=False):
         self.connect, self.address, self.threads = connect, address, threads
         self.call = call or (lambda c, tag: c.echo(tag))
+        self.keep_exceptions = keep_exceptions
         self.ok = 0
         self.failures = []
         self.served = set()
@@ -112,8 +115,9 @@ class Load:
                     self.served.add(index)
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 with self._lock:
-                    self.failures.append(f"{tag}: {exc!r}")
-                conn = self.connect(self.address, timeout=30.0)
+                    self.failures.append((tag, exc) if self.keep_exceptions else f"{tag}: {exc!r}")
+                if not isinstance(exc, TApplicationException):
+                    conn = self.connect(self.address, timeout=30.0)
 
     def start(self):
         self._futures = [self._pool.submit(self._run, i) for i in range(self.threads)]
@@ -124,6 +128,9 @@ class Load:
         harness.wait_until(lambda: self.ok >= start + count, timeout, f"{count} more calls")
 
     def stop(self):
+        """Stops the clients (once; again is a no-op); raises what a client thread raised."""
+        if self._stop.is_set():
+            return self
         self._stop.set()
         for f in self._futures:
             f.result(timeout=60)

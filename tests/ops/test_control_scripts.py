@@ -319,3 +319,38 @@ def test_proxy_default_config_is_the_original_path(proxy_control):
     result = proxy_control.run("start", env=proxy_control.env())
     assert result.returncode == 78, show(result)
     assert "/usr/local/rpc_proxy/config.ini" in result.stderr
+
+
+def test_lb_with_worker_command_stops_its_workers(lb_control):
+    """`worker_command` (issue 14): control_lb.sh runs unchanged; the LB's workers are its
+    children and `stop` returns once the LB, which stops them first, is gone."""
+    with lb_control.config.open("a") as config:
+        config.write("worker_command=/bin/sleep 300\nworker_processes=2\n")
+    pid = start_ok(lb_control)
+
+    def workers():
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+            except OSError:
+                continue
+            if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        return found
+
+    def sleeping(pid):
+        args = cmdline_of(pid)
+        return args[-2:] == ["/bin/sleep", "300"]
+
+    # setpriv --pdeathsig runs first and execs the command, keeping the pid.
+    wait_until(
+        lambda: len(workers()) == 2 and all(sleeping(w) for w in workers()),
+        10,
+        "two workers of rpc_lb",
+    )
+    started = workers()
+    stop = lb_control.run("stop")
+    assert stop.returncode == 0, show(stop)
+    assert not alive(pid)
+    assert not any(alive(w) for w in started), "the workers stopped with the LB"

@@ -2,8 +2,11 @@
 `systemd-analyze verify` (the repo's copies apart from binaries absent on a build box, the
 installed copies with no message at all), carry the settings the issue asks for, and their
 ExecStart lines, run by hand with $NOTIFY_SOCKET set as systemd would, start a binary that
-sends READY=1, then STOPPING=1 and exits 0 on SIGTERM."""
+sends READY=1, then STOPPING=1 and exits 0 on SIGTERM. The LB unit runs its Python workers
+itself (`worker_command`, issue 14): its sandbox leaves them what Python needs, ExecReload
+sends SIGHUP, and its ExecStart starts the workers as its children and stops them with it."""
 
+import os
 import re
 import shlex
 import shutil
@@ -11,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from opskit import REPO, SYSTEMD, clean_env, free_port, show, wait_until
@@ -131,6 +135,21 @@ def test_unit_settings(unit, stop_timeout):
         assert "%i" in argv[argv.index("-L") + 1]
 
 
+def test_lb_unit_suits_python_workers():
+    """Workers are the LB unit's children (no worker units): what breaks Python is off."""
+    u = parse_unit(SYSTEMD / "rpc_lb@.service")
+    svc = "Service"
+    assert one(u, svc, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    # SIGTERM to rpc_lb alone (it stops its workers); the rest of the cgroup at its exit.
+    assert one(u, svc, "KillMode") == "mixed"
+    # ctypes/cffi callbacks need writable-executable memory.
+    assert (svc, "MemoryDenyWriteExecute") not in u
+    # tempfile needs a writable temporary directory.
+    writable = one(u, svc, "ReadWritePaths").split()
+    assert {"/tmp", "/var/tmp"} <= set(writable), writable
+    assert not list(SYSTEMD.glob("*worker*")), "no separate worker units"
+
+
 def exec_start(unit_path, instance):
     """The unit's ExecStart as an argv, with %i and ${VAR} expanded as systemd would."""
     unit = parse_unit(unit_path)
@@ -208,3 +227,77 @@ def test_installed_exec_start_runs_and_notifies(unit, short_dir, build_dir):
     (prefix / "lb" / "echo.ini").write_text("zk=\n")
     bad = subprocess.run(argv, env=clean_env(), capture_output=True, text=True, timeout=30)
     assert bad.returncode == 78, show(bad)
+
+
+def environ_of(pid):
+    """The environment of process `pid` ({} once it is gone)."""
+    try:
+        raw = (Path(f"/proc/{pid}/environ")).read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return {}
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {k.decode(): v.decode(errors="replace") for k, _, v in pairs}
+
+
+def children_of(pid):
+    """Pids whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def test_installed_lb_unit_starts_and_stops_its_workers(short_dir, build_dir):
+    prefix, units = install(short_dir, build_dir)
+    # A stand-in worker: it never says HELLO (boot timeout 60 s), which is all this needs.
+    (prefix / "lb" / "echo.ini").write_text(
+        f"zk=127.0.0.1:{free_port()}\nservice=echo\nfront_host=127.0.0.1\n"
+        f"front_port={free_port()}\nback_address={prefix}/back.sock\n"
+        "worker_command=/bin/sleep 300\nworker_processes=2\n"
+    )
+    argv = exec_start(units / "rpc_lb@.service", "echo")
+    notify = notify_socket(short_dir / "notify.sock")
+    proc = subprocess.Popen(
+        argv,
+        env=clean_env(NOTIFY_SOCKET=short_dir / "notify.sock"),
+        cwd=prefix,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert "READY=1" in receive(notify, "READY=1", timeout=15)
+        wait_until(lambda: len(children_of(proc.pid)) == 2, 10, "two workers of rpc_lb")
+        workers = children_of(proc.pid)
+        envs = [environ_of(pid) for pid in workers]
+        assert sorted(e.get("RPC_WORKER_ID") for e in envs) == ["0", "1"], envs
+        assert {e.get("RPC_LB_BACK_ADDRESS") for e in envs} == {f"{prefix}/back.sock"}
+        assert all("NOTIFY_SOCKET" not in e for e in envs), "the LB's notify socket is its own"
+        # ExecReload: SIGHUP re-reads the config, the LB stays.
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_until(
+            lambda: (
+                "configuration reloaded"
+                in "".join(p.read_text() for p in prefix.glob("log/rpc_lb-echo.log.*"))
+            ),
+            10,
+            "the reload logged",
+        )
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in receive(notify, "STOPPING=1", timeout=10)
+        assert proc.wait(timeout=35) == 0, proc.stdout.read()
+        assert not any(environ_of(pid) for pid in workers), "workers stopped with the LB"
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

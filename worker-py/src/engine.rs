@@ -1,5 +1,6 @@
 //! The worker runtime between the LB's socket and the handler: dials the LB, sends HELLO,
-//! reads frames (echoing pings at once, from whichever thread reads), runs calls on
+//! reads frames (echoing pings at once, from whichever thread reads, and pinging an LB that
+//! sends no heartbeat), runs calls on
 //! `pool_size` pool threads, writes their replies, stops gracefully (STOP, wait for
 //! STOP_CONFIRM, finish and flush held calls) and reconnects with backoff when the LB goes
 //! away.
@@ -20,7 +21,8 @@
 //!   100 ms) and the end of the connection is still seen when every handler hangs (and, in
 //!   Python, without the GIL).
 //! - Whoever reads also runs the connection's decisions ([`crate::protocol::ConnState`]):
-//!   STOP, the close once every held call is answered, the heartbeat timeout.
+//!   STOP, the close once every held call is answered, the worker's own pings, the heartbeat
+//!   timeout.
 //! - A call is *held* from the moment it is read until its reply is written to the socket.
 //! - Writes (pings, replies, STOP) share one writer under a mutex, one whole frame at a time.
 //!
@@ -81,7 +83,7 @@ pub struct Config {
     pub service: Option<String>,
     /// Largest frame read from or written to the LB.
     pub max_frame_size: usize,
-    /// Heartbeat timeout, STOP_CONFIRM wait and stop grace.
+    /// Heartbeat interval and timeout, STOP_CONFIRM wait and stop grace.
     pub timings: Timings,
     /// First reconnect delay.
     pub backoff_min: Duration,
@@ -89,11 +91,16 @@ pub struct Config {
     pub backoff_max: Duration,
     /// Longest TCP connect attempt.
     pub connect_timeout: Duration,
+    /// The slot of a worker started by its LB (`RPC_WORKER_ID`), for logs.
+    pub worker_id: Option<u64>,
+    /// The LB's rolling-restart count when it started this worker (`RPC_WORKER_GENERATION`),
+    /// for logs.
+    pub generation: Option<u64>,
 }
 
 impl Config {
-    /// Defaults: 16384000-byte frames, 6 s heartbeat timeout, 1.5 s STOP_CONFIRM wait, 15 s
-    /// stop grace, reconnects backing off from 100 ms to 5 s.
+    /// Defaults: 16384000-byte frames, 1 s heartbeat interval, 6 s heartbeat timeout, 1.5 s
+    /// STOP_CONFIRM wait, 15 s stop grace, reconnects backing off from 100 ms to 5 s.
     pub fn new(address: Address, pool_size: usize) -> Self {
         Self {
             address,
@@ -104,6 +111,8 @@ impl Config {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            worker_id: None,
+            generation: None,
         }
     }
 }
@@ -211,6 +220,48 @@ mod tests {
         let slow = conn.read().unwrap();
         assert_eq!(slow.seqid(), 8);
         assert!(conn.read().is_none(), "closed after the last reply");
+        done.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn pings_a_silent_lb_and_never_echoes_its_echoes() {
+        let lb = FakeLb::new();
+        let mut config = config(&lb, 1);
+        config.timings.heartbeat_interval = Duration::from_millis(100);
+        config.timings.heartbeat_timeout = Duration::from_millis(600);
+        let (stop, done) = start(config);
+        let mut conn = lb.accept();
+        assert_eq!(conn.read().unwrap().message_type(), MessageType::Hello);
+        // Silent like the Go original LB: pinged anyway, seqids -1, -2, ...
+        let mut last = 0;
+        for expected in [-1, -2] {
+            let ping = conn.read_any().unwrap();
+            assert_eq!(ping.as_wire(), &heartbeat(expected)[..]);
+            last = expected;
+        }
+        // Now the LB echoes: the echoes arm the timeout and keep the connection for longer
+        // than it (12 x 100 ms > 600 ms), and none is echoed back (seqids keep counting).
+        for _ in 0..12 {
+            let ping = conn.read_any().unwrap();
+            assert_eq!(ping.message_type(), MessageType::Heartbeat);
+            assert_eq!(
+                ping.seqid(),
+                last - 1,
+                "a fresh ping, not an echo of the echo"
+            );
+            last = ping.seqid();
+            conn.send(ping.as_wire());
+        }
+        conn.send(&encode_message(MessageType::Call, "echo", 7, b"e\x00"));
+        let reply = conn.read().unwrap();
+        assert_eq!(
+            (reply.message_type(), reply.seqid()),
+            (MessageType::Reply, 7)
+        );
+        stop.stop();
+        assert_eq!(conn.read().unwrap().message_type(), MessageType::Stop);
+        conn.send(&stop_confirm());
+        assert!(conn.read().is_none());
         done.recv_timeout(Duration::from_secs(5)).unwrap();
     }
 

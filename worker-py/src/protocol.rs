@@ -5,8 +5,10 @@
 //! engine ([`crate::engine`]) feeds it events and acts on the answers, and the unit tests below
 //! drive it with fake clocks.
 //!
-//! Wire reference: CONTRACT section 2 (types 20-23) and section 6 (graceful stop).
+//! Wire reference: CONTRACT section 2 (types 20-23), section 6 (graceful stop) and section 9
+//! (LB supervision: the address from the environment, the worker's own pings).
 
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -41,6 +43,57 @@ impl Address {
     }
 }
 
+/// The environment variable an LB sets to its `back_address` for the workers it starts
+/// (CONTRACT section 9, LB supervision); read when no address is given.
+pub const ADDRESS_ENV: &str = "RPC_LB_BACK_ADDRESS";
+
+/// The environment variable with a supervised worker's slot (0-based).
+pub const WORKER_ID_ENV: &str = "RPC_WORKER_ID";
+
+/// The environment variable with a supervised worker's generation (the LB's rolling-restart
+/// count, 0-based).
+pub const WORKER_GENERATION_ENV: &str = "RPC_WORKER_GENERATION";
+
+impl Address {
+    /// The address to dial: `explicit` when given (an explicit address wins), else `from_env`
+    /// (the value of [`ADDRESS_ENV`]).
+    ///
+    /// # Errors
+    /// A message naming both the argument and the variable when neither gives an address
+    /// (missing, empty or blank), or when the variable is not valid UTF-8.
+    pub fn from_arg_or_env(
+        explicit: Option<&str>,
+        from_env: Option<&OsStr>,
+    ) -> Result<Self, String> {
+        if let Some(address) = explicit {
+            return Self::parse(address).map_err(|_| {
+                format!(
+                    "the LB address is empty: pass a non-empty `address`, or address=None to read ${ADDRESS_ENV}"
+                )
+            });
+        }
+        let Some(value) = from_env else {
+            return Err(format!(
+                "no LB address: pass `address` or set ${ADDRESS_ENV} (an LB that starts its workers sets it)"
+            ));
+        };
+        let Some(value) = value.to_str() else {
+            return Err(format!(
+                "no LB address: ${ADDRESS_ENV} is not valid UTF-8; pass `address` instead"
+            ));
+        };
+        Self::parse(value).map_err(|_| {
+            format!("no LB address: `address` is None and ${ADDRESS_ENV} is empty; pass `address` or set ${ADDRESS_ENV}")
+        })
+    }
+}
+
+/// A supervised worker's number from the environment (`RPC_WORKER_ID`,
+/// `RPC_WORKER_GENERATION`): `None` when unset or not a non-negative integer.
+pub fn env_number(value: Option<&OsStr>) -> Option<u64> {
+    value?.to_str()?.trim().parse().ok()
+}
+
 impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -53,7 +106,11 @@ impl std::fmt::Display for Address {
 /// The durations that drive a connection's decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timings {
-    /// No frame at all from the LB for this long, once it has pinged: the connection is dead.
+    /// The worker pings an LB that sent no heartbeat for this long (twice this once the LB
+    /// has pinged on its own), and pings it at most this often.
+    pub heartbeat_interval: Duration,
+    /// No frame at all from the LB for this long, once a heartbeat came from it (its ping,
+    /// or the echo of the worker's): the connection is dead.
     pub heartbeat_timeout: Duration,
     /// How long a stopping worker waits for STOP_CONFIRM (old LBs never send it).
     pub confirm_wait: Duration,
@@ -64,6 +121,7 @@ pub struct Timings {
 impl Default for Timings {
     fn default() -> Self {
         Self {
+            heartbeat_interval: Duration::from_millis(1000),
             heartbeat_timeout: Duration::from_millis(6000),
             confirm_wait: Duration::from_millis(1500),
             stop_grace: Duration::from_millis(15_000),
@@ -96,8 +154,11 @@ pub enum Phase {
 pub enum Action {
     /// CALL or ONEWAY: hand it to a pool thread.
     Dispatch,
-    /// HEARTBEAT: write the frame back unchanged, at once.
+    /// HEARTBEAT from the LB: write the frame back unchanged, at once.
     Echo,
+    /// The LB's echo of one of the worker's own pings: proof of life, never echoed back (two
+    /// echoers would ping-pong forever).
+    PingAnswered,
     /// The STOP_CONFIRM answering our STOP.
     StopConfirmed,
     /// An unsolicited STOP_CONFIRM: the LB is shutting down, nothing new is coming.
@@ -131,7 +192,7 @@ pub enum Close {
         /// What comes next.
         end: End,
     },
-    /// The LB pinged once, then nothing arrived for the heartbeat timeout.
+    /// A heartbeat came from the LB once, then nothing arrived for the heartbeat timeout.
     HeartbeatTimeout {
         /// What comes next.
         end: End,
@@ -155,15 +216,38 @@ impl Close {
 }
 
 /// The state of one LB connection, driven by frames, the stop request and the clock.
+///
+/// # Heartbeats
+/// - The worker echoes the LB's pings unchanged ([`Action::Echo`]).
+/// - It pings the LB itself, `("ping", 20, seqid)` with seqids -1, -2, ... (negative: the Go
+///   original LB numbers its calls from 1 and takes any heartbeat's seqid for a pending call's,
+///   so a positive one could steal a call's reply), when no heartbeat came from the LB for a
+///   heartbeat interval (two once the LB has pinged on its own, so an LB pinging at the same
+///   cadence is not pinged back), at most once per interval, in every phase. Only heartbeats
+///   count, not calls: the Go original LB at HEAD never pings (it never writes its pings) and
+///   drops a worker after 6 s without a heartbeat *from* it ("Worker HB timeout"), however
+///   busy the connection; it never echoes a worker's ping either, but counts it.
+/// - A heartbeat from the LB (its ping, or the echo of one of ours, [`Action::PingAnswered`])
+///   arms the heartbeat timeout: from then on, silence for that long drops the connection.
+///   An LB that never sends a heartbeat (the Go original) is never timed out: the worker
+///   stays connected until EOF.
 #[derive(Debug, Clone)]
 pub struct ConnState {
     /// Where the connection stands.
     phase: Phase,
-    /// The LB pinged at least once: only then is the heartbeat timeout armed (the original
-    /// LB at HEAD never pings, and its workers must not flap).
-    pinged: bool,
+    /// A heartbeat (the LB's ping, or the echo of ours) arrived: the heartbeat timeout is
+    /// armed (the original LB at HEAD sends neither, and its workers must not flap).
+    armed: bool,
+    /// The LB pinged on its own at least once.
+    lb_pings: bool,
     /// When the last frame of any type arrived (or the connection opened).
     last_frame: Instant,
+    /// When the last heartbeat from the LB arrived (or the connection opened).
+    last_heartbeat: Instant,
+    /// When the worker last pinged the LB (or the connection opened).
+    last_ping: Instant,
+    /// Pings the worker sent on this connection.
+    pings_sent: u64,
     /// The durations in force.
     timings: Timings,
 }
@@ -175,8 +259,12 @@ impl ConnState {
     pub fn new(now: Instant, timings: Timings) -> Self {
         Self {
             phase: Phase::Serving,
-            pinged: false,
+            armed: false,
+            lb_pings: false,
             last_frame: now,
+            last_heartbeat: now,
+            last_ping: now,
+            pings_sent: 0,
             timings,
         }
     }
@@ -187,18 +275,34 @@ impl ConnState {
     }
 
     /// Whether the heartbeat timeout is armed.
-    pub fn pinged(&self) -> bool {
-        self.pinged
+    pub fn armed(&self) -> bool {
+        self.armed
     }
 
-    /// A frame of `message_type` arrived at `now`: what to do with it.
-    pub fn on_frame(&mut self, message_type: MessageType, now: Instant) -> Action {
+    /// Pings the worker sent on this connection.
+    pub fn pings_sent(&self) -> u64 {
+        self.pings_sent
+    }
+
+    /// Whether a heartbeat with `seqid` is the echo of a ping this worker sent.
+    fn is_own_ping(&self, seqid: i32) -> bool {
+        seqid < 0 && u64::from(seqid.unsigned_abs()) <= self.pings_sent
+    }
+
+    /// A frame of `message_type` with `seqid` arrived at `now`: what to do with it.
+    pub fn on_frame(&mut self, message_type: MessageType, seqid: i32, now: Instant) -> Action {
         self.last_frame = now;
         match message_type {
             MessageType::Call | MessageType::Oneway => Action::Dispatch,
             MessageType::Heartbeat => {
-                self.pinged = true;
-                Action::Echo
+                self.armed = true;
+                self.last_heartbeat = now;
+                if self.is_own_ping(seqid) {
+                    Action::PingAnswered
+                } else {
+                    self.lb_pings = true;
+                    Action::Echo
+                }
             }
             MessageType::StopConfirm => match self.phase {
                 Phase::Serving => {
@@ -222,6 +326,28 @@ impl ConnState {
             },
             _ => Action::Ignore,
         }
+    }
+
+    /// Whether the worker must ping the LB at `now`; if so, the seqid of that ping (counted
+    /// as sent).
+    pub fn ping_due(&mut self, now: Instant) -> Option<i32> {
+        let interval = self.timings.heartbeat_interval;
+        let silence = if self.lb_pings {
+            interval.saturating_mul(2)
+        } else {
+            interval
+        };
+        if now.duration_since(self.last_heartbeat) < silence
+            || now.duration_since(self.last_ping) < interval
+        {
+            return None;
+        }
+        self.last_ping = now;
+        // -1, -2, ..., i32::MIN, then -1 again (after 2^31 pings every negative seqid counts
+        // as our own).
+        let n = i32::try_from(self.pings_sent % (1 << 31)).unwrap_or(i32::MAX);
+        self.pings_sent += 1;
+        Some(-n - 1)
     }
 
     /// The worker was asked to stop. Returns `true` if STOP must be sent now (the first
@@ -270,7 +396,7 @@ impl ConnState {
                 }
             }
         }
-        if self.pinged && now.duration_since(self.last_frame) > self.timings.heartbeat_timeout {
+        if self.armed && now.duration_since(self.last_frame) > self.timings.heartbeat_timeout {
             return Some(Close::HeartbeatTimeout {
                 end: self.on_lost(),
             });
@@ -353,6 +479,7 @@ mod tests {
 
     fn timings() -> Timings {
         Timings {
+            heartbeat_interval: ms(1000),
             heartbeat_timeout: ms(6000),
             confirm_wait: ms(1500),
             stop_grace: ms(15_000),
@@ -373,6 +500,46 @@ mod tests {
         );
         assert_eq!(Address::parse("lb.sock").unwrap().to_string(), "lb.sock");
         assert!(Address::parse("  ").is_err());
+    }
+
+    #[test]
+    fn address_from_argument_or_environment() {
+        let env = Some(OsStr::new("/run/lb.sock"));
+        // An explicit address wins over the environment.
+        assert_eq!(
+            Address::from_arg_or_env(Some("127.0.0.1:9"), env),
+            Ok(Address::Tcp("127.0.0.1:9".into()))
+        );
+        assert_eq!(
+            Address::from_arg_or_env(None, env),
+            Ok(Address::Unix("/run/lb.sock".into()))
+        );
+        for (explicit, env) in [
+            (None, None),
+            (None, Some(OsStr::new(""))),
+            (None, Some(OsStr::new("  "))),
+            (Some(" "), env),
+        ] {
+            let err = Address::from_arg_or_env(explicit, env).unwrap_err();
+            assert!(
+                err.contains("`address`") && err.contains(ADDRESS_ENV),
+                "{err}"
+            );
+        }
+        assert!(
+            Address::from_arg_or_env(Some(""), None)
+                .unwrap_err()
+                .contains("empty")
+        );
+    }
+
+    #[test]
+    fn supervision_numbers() {
+        assert_eq!(env_number(Some(OsStr::new("3"))), Some(3));
+        assert_eq!(env_number(Some(OsStr::new(" 0\n"))), Some(0));
+        assert_eq!(env_number(Some(OsStr::new("-1"))), None);
+        assert_eq!(env_number(Some(OsStr::new("x"))), None);
+        assert_eq!(env_number(None), None);
     }
 
     // --- hello ---
@@ -421,18 +588,18 @@ mod tests {
     fn serving_decisions() {
         let t0 = Instant::now();
         let mut state = ConnState::new(t0, timings());
-        assert_eq!(state.on_frame(MessageType::Call, t0), Action::Dispatch);
-        assert_eq!(state.on_frame(MessageType::Oneway, t0), Action::Dispatch);
+        assert_eq!(state.on_frame(MessageType::Call, 0, t0), Action::Dispatch);
+        assert_eq!(state.on_frame(MessageType::Oneway, 0, t0), Action::Dispatch);
         for ignored in [2, 3, 5, 19, 21, 23, 24, 255] {
             assert_eq!(
-                state.on_frame(MessageType::from_u8(ignored), t0),
+                state.on_frame(MessageType::from_u8(ignored), 0, t0),
                 Action::Ignore,
                 "type {ignored}"
             );
         }
-        assert!(!state.pinged());
-        assert_eq!(state.on_frame(MessageType::Heartbeat, t0), Action::Echo);
-        assert!(state.pinged());
+        assert!(!state.armed());
+        assert_eq!(state.on_frame(MessageType::Heartbeat, 0, t0), Action::Echo);
+        assert!(state.armed());
         assert_eq!(state.phase(), Phase::Serving);
         assert_eq!(state.poll(t0 + ms(100), 3), None);
     }
@@ -443,7 +610,7 @@ mod tests {
         let mut state = ConnState::new(t0, timings());
         // An old LB never pings: silence is fine.
         assert_eq!(state.poll(t0 + ms(60_000), 0), None);
-        state.on_frame(MessageType::Heartbeat, t0 + ms(60_000));
+        state.on_frame(MessageType::Heartbeat, 0, t0 + ms(60_000));
         assert_eq!(state.poll(t0 + ms(66_000), 0), None);
         assert_eq!(
             state.poll(t0 + ms(66_001), 0),
@@ -452,7 +619,7 @@ mod tests {
             })
         );
         // Any frame keeps the connection alive, not only pings.
-        state.on_frame(MessageType::Call, t0 + ms(66_000));
+        state.on_frame(MessageType::Call, 0, t0 + ms(66_000));
         assert_eq!(state.poll(t0 + ms(72_000), 1), None);
     }
 
@@ -464,20 +631,20 @@ mod tests {
         assert!(!state.begin_stop(t0 + ms(10)), "STOP is sent once");
         // Calls sent before the LB processed STOP still run.
         assert_eq!(
-            state.on_frame(MessageType::Call, t0 + ms(5)),
+            state.on_frame(MessageType::Call, 0, t0 + ms(5)),
             Action::Dispatch
         );
         assert_eq!(
-            state.on_frame(MessageType::Heartbeat, t0 + ms(5)),
+            state.on_frame(MessageType::Heartbeat, 0, t0 + ms(5)),
             Action::Echo
         );
         assert_eq!(state.poll(t0 + ms(10), 0), None, "waits for the confirm");
         assert_eq!(
-            state.on_frame(MessageType::StopConfirm, t0 + ms(20)),
+            state.on_frame(MessageType::StopConfirm, 0, t0 + ms(20)),
             Action::StopConfirmed
         );
         assert_eq!(
-            state.on_frame(MessageType::StopConfirm, t0 + ms(21)),
+            state.on_frame(MessageType::StopConfirm, 0, t0 + ms(21)),
             Action::Ignore
         );
         assert_eq!(state.poll(t0 + ms(30), 2), None, "two calls held");
@@ -510,11 +677,14 @@ mod tests {
         let t0 = Instant::now();
         let mut state = ConnState::new(t0, timings());
         assert_eq!(
-            state.on_frame(MessageType::StopConfirm, t0),
+            state.on_frame(MessageType::StopConfirm, 0, t0),
             Action::LbShuttingDown
         );
         assert_eq!(state.phase(), Phase::Draining { since: t0 });
-        assert_eq!(state.on_frame(MessageType::StopConfirm, t0), Action::Ignore);
+        assert_eq!(
+            state.on_frame(MessageType::StopConfirm, 0, t0),
+            Action::Ignore
+        );
         assert_eq!(state.poll(t0 + ms(10), 1), None);
         assert_eq!(state.poll(t0 + ms(20), 0), Some(Close::Drained));
         assert_eq!(Close::Drained.end(), End::Reconnect);
@@ -535,12 +705,102 @@ mod tests {
     fn heartbeat_timeout_while_stopping_stops() {
         let t0 = Instant::now();
         let mut state = ConnState::new(t0, timings());
-        state.on_frame(MessageType::Heartbeat, t0);
+        state.on_frame(MessageType::Heartbeat, 0, t0);
         state.begin_stop(t0);
         assert_eq!(
             state.poll(t0 + ms(6001), 1),
             Some(Close::HeartbeatTimeout { end: End::Stopped })
         );
+    }
+
+    // --- the worker's own pings ---
+
+    #[test]
+    fn an_lb_that_never_sends_a_heartbeat_is_pinged_every_interval_and_kept() {
+        let t0 = Instant::now();
+        let mut state = ConnState::new(t0, timings());
+        assert_eq!(state.ping_due(t0 + ms(999)), None);
+        assert_eq!(state.ping_due(t0 + ms(1000)), Some(-1));
+        assert_eq!(
+            state.ping_due(t0 + ms(1500)),
+            None,
+            "at most one per interval"
+        );
+        assert_eq!(state.ping_due(t0 + ms(2000)), Some(-2));
+        // Calls are no heartbeat: the Go LB still wants pings from a busy worker.
+        assert_eq!(
+            state.on_frame(MessageType::Call, 5, t0 + ms(2500)),
+            Action::Dispatch
+        );
+        assert_eq!(state.ping_due(t0 + ms(3000)), Some(-3));
+        assert_eq!(state.pings_sent(), 3);
+        // Pings go out while stopping too (the Go LB would drop the held calls).
+        state.begin_stop(t0 + ms(3100));
+        assert_eq!(state.ping_due(t0 + ms(4000)), Some(-4));
+        // Never armed: no heartbeat ever came back.
+        assert!(!state.armed());
+        let fresh = ConnState::new(t0, timings());
+        assert_eq!(fresh.poll(t0 + ms(600_000), 0), None);
+    }
+
+    #[test]
+    fn echoes_of_own_pings_arm_the_timeout_and_are_not_echoed_back() {
+        let t0 = Instant::now();
+        let mut state = ConnState::new(t0, timings());
+        assert_eq!(state.ping_due(t0 + ms(1000)), Some(-1));
+        assert_eq!(
+            state.on_frame(MessageType::Heartbeat, -1, t0 + ms(1010)),
+            Action::PingAnswered
+        );
+        assert!(state.armed());
+        // The next ping counts from the echo.
+        assert_eq!(state.ping_due(t0 + ms(2009)), None);
+        assert_eq!(state.ping_due(t0 + ms(2010)), Some(-2));
+        assert_eq!(
+            state.on_frame(MessageType::Heartbeat, -2, t0 + ms(2020)),
+            Action::PingAnswered
+        );
+        // An LB that echoes keeps the connection; one that stops answering loses it.
+        assert_eq!(state.poll(t0 + ms(8020), 0), None);
+        assert_eq!(
+            state.poll(t0 + ms(8021), 0),
+            Some(Close::HeartbeatTimeout {
+                end: End::Reconnect
+            })
+        );
+        // A negative seqid the worker never sent is the LB's own ping: echoed.
+        assert_eq!(
+            state.on_frame(MessageType::Heartbeat, -3, t0 + ms(2030)),
+            Action::Echo
+        );
+    }
+
+    #[test]
+    fn an_lb_that_pings_is_pinged_only_after_two_silent_intervals() {
+        let t0 = Instant::now();
+        let mut state = ConnState::new(t0, timings());
+        assert_eq!(
+            state.on_frame(MessageType::Heartbeat, 0, t0 + ms(900)),
+            Action::Echo
+        );
+        // Its next ping is a little late: not pinged back.
+        assert_eq!(state.ping_due(t0 + ms(2100)), None);
+        state.on_frame(MessageType::Heartbeat, 0, t0 + ms(2150));
+        assert_eq!(state.ping_due(t0 + ms(4149)), None);
+        // Silent for two intervals: pinged.
+        assert_eq!(state.ping_due(t0 + ms(4150)), Some(-1));
+        assert_eq!(state.ping_due(t0 + ms(4500)), None);
+    }
+
+    #[test]
+    fn ping_seqids_wrap_within_the_negatives() {
+        let t0 = Instant::now();
+        let mut state = ConnState::new(t0, timings());
+        state.pings_sent = (1 << 31) - 1;
+        assert_eq!(state.ping_due(t0 + ms(1000)), Some(i32::MIN));
+        assert_eq!(state.ping_due(t0 + ms(2000)), Some(-1));
+        assert!(state.is_own_ping(-12345) && state.is_own_ping(i32::MIN));
+        assert!(!state.is_own_ping(0) && !state.is_own_ping(1));
     }
 
     // --- backoff ---

@@ -21,7 +21,7 @@ use rpc_frame::{DEFAULT_MAX_FRAME_SIZE, LENGTH_PREFIX, Message};
 
 use crate::engine::{Config, Engine, Handler, Level, LogSink, Outcome, StopSignal};
 use crate::errors::{WorkerError, describe, outcome_from};
-use crate::protocol::Address;
+use crate::protocol::{ADDRESS_ENV, Address, WORKER_GENERATION_ENV, WORKER_ID_ENV, env_number};
 
 /// How long `run()` waits with the GIL released before it checks for signals again.
 const POLL: Duration = Duration::from_millis(100);
@@ -136,21 +136,23 @@ fn positive_ms(value: i64, what: &str) -> Result<Duration, WorkerError> {
 impl Worker {
     #[new]
     #[pyo3(signature = (
-        dispatch, address, pool_size = 1, service = None, *,
-        heartbeat_timeout_ms = 6000, max_frame_size = 16_384_000,
-        stop_timeout_ms = 15000
+        dispatch, address = None, pool_size = 1, service = None, *,
+        heartbeat_interval_ms = 1000, heartbeat_timeout_ms = 6000,
+        max_frame_size = 16_384_000, stop_timeout_ms = 15000
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         dispatch: Py<PyAny>,
-        address: &str,
+        address: Option<&str>,
         pool_size: i64,
         service: Option<String>,
+        heartbeat_interval_ms: i64,
         heartbeat_timeout_ms: i64,
         max_frame_size: i64,
         stop_timeout_ms: i64,
     ) -> PyResult<Self> {
-        let address = Address::parse(address).map_err(WorkerError::InvalidArgument)?;
+        let address = Address::from_arg_or_env(address, std::env::var_os(ADDRESS_ENV).as_deref())
+            .map_err(WorkerError::InvalidArgument)?;
         if !(1..=MAX_POOL_SIZE).contains(&pool_size) {
             return Err(WorkerError::InvalidArgument(format!(
                 "pool_size must be between 1 and {MAX_POOL_SIZE}, got {pool_size}"
@@ -170,10 +172,14 @@ impl Worker {
         let mut config = Config::new(address, usize::try_from(pool_size).unwrap_or(1));
         config.service = service.filter(|name| !name.is_empty());
         config.max_frame_size = max_frame_size;
+        config.timings.heartbeat_interval =
+            positive_ms(heartbeat_interval_ms, "heartbeat_interval_ms")?;
         config.timings.heartbeat_timeout =
             positive_ms(heartbeat_timeout_ms, "heartbeat_timeout_ms")?;
         config.timings.stop_grace = positive_ms(stop_timeout_ms, "stop_timeout_ms")?;
         config.timings.confirm_wait = config.timings.confirm_wait.min(config.timings.stop_grace);
+        config.worker_id = env_number(std::env::var_os(WORKER_ID_ENV).as_deref());
+        config.generation = env_number(std::env::var_os(WORKER_GENERATION_ENV).as_deref());
         Ok(Self {
             config,
             dispatch,
@@ -253,6 +259,16 @@ impl Worker {
     #[getter]
     fn service(&self) -> Option<String> {
         self.config.service.clone()
+    }
+
+    #[getter]
+    fn worker_id(&self) -> Option<u64> {
+        self.config.worker_id
+    }
+
+    #[getter]
+    fn worker_generation(&self) -> Option<u64> {
+        self.config.generation
     }
 
     #[getter]

@@ -91,10 +91,19 @@ def spawn_worker(gen_py: Path, sock_dir: Path) -> Iterator[Callable[..., WorkerP
     """Starts ``echo_worker.py ADDRESS`` processes; kills leftovers and shows their logs."""
     started: list[WorkerProcess] = []
 
-    def spawn(address: str, pool_size: int = 1, name: str = "worker") -> WorkerProcess:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(gen_py), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    def spawn(
+        address: str | None,
+        pool_size: int = 1,
+        name: str = "worker",
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
+        """``address`` None: the worker is made with ``address=None`` (the environment's);
+        ``env`` is added to the test's environment."""
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(gen_py), str(HERE)]
+            + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else [])
         )
         log_path = sock_dir / f"worker-{len(started)}.log"
         with open(log_path, "wb") as log:
@@ -102,7 +111,7 @@ def spawn_worker(gen_py: Path, sock_dir: Path) -> Iterator[Callable[..., WorkerP
                 [
                     sys.executable,
                     str(HERE / "echo_worker.py"),
-                    address,
+                    *([] if address is None else [address]),
                     "--pool-size",
                     str(pool_size),
                     "--name",
@@ -111,7 +120,7 @@ def spawn_worker(gen_py: Path, sock_dir: Path) -> Iterator[Callable[..., WorkerP
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=full_env,
             )
         worker = WorkerProcess(proc, log_path)
         started.append(worker)

@@ -1,4 +1,5 @@
-"""The Echo service as a worker process, for the tests: ``python echo_worker.py ADDRESS``.
+"""The Echo service as a worker process, for the tests: ``python echo_worker.py [ADDRESS]``
+(without ADDRESS: ``$RPC_LB_BACK_ADDRESS``, as for a worker its LB started).
 
 The generated code (``thrift --gen py``) is found through ``PYTHONPATH``. ``slow(ms, s)``
 sleeps, or with ``s`` starting with ``spin`` runs a pure-Python loop holding the GIL;
@@ -62,7 +63,7 @@ class Handler:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("address")
+    parser.add_argument("address", nargs="?")
     parser.add_argument("--pool-size", type=int, default=1)
     parser.add_argument("--name", default="worker")
     args = parser.parse_args()

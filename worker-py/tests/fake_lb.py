@@ -110,19 +110,42 @@ class Closed(Exception):
     """The worker closed the connection."""
 
 
+def is_worker_ping(frame: Frame) -> bool:
+    """The worker's own ping: a heartbeat with a negative seqid (an LB's pings, and the echoes
+    of them, carry the LB's seqids, never negative here)."""
+    return frame.message_type == HEARTBEAT and frame.seqid < 0
+
+
 class LBConn:
-    """The LB's end of one worker connection."""
+    """The LB's end of one worker connection.
+
+    :meth:`read` skips the worker's own pings (which it sends whenever this LB sent no
+    heartbeat for a heartbeat interval) and keeps them in ``worker_pings`` as ``(monotonic
+    time, frame)``; :meth:`read_any` returns every frame.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = b""
+        self.worker_pings: list[tuple[float, Frame]] = []
 
     def send(self, data: bytes) -> None:
         self.sock.settimeout(WAIT)
         self.sock.sendall(data)
 
     def read(self, timeout: float = WAIT) -> Frame:
-        """The next frame; raises ``Closed`` on EOF and ``socket.timeout`` after ``timeout``."""
+        """The next frame that is not one of the worker's own pings; raises ``Closed`` on EOF
+        and ``socket.timeout`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.read_any(max(0.0, deadline - time.monotonic()))
+            if not is_worker_ping(frame):
+                return frame
+            self.worker_pings.append((time.monotonic(), frame))
+
+    def read_any(self, timeout: float = WAIT) -> Frame:
+        """The next frame, whatever it is; raises ``Closed`` on EOF and ``socket.timeout``
+        after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
             if len(self.buf) >= 4:

@@ -51,6 +51,8 @@ def test_bad_arguments():
         RpcWorker(P(), " ")
     with pytest.raises(ValueError, match="heartbeat_timeout_ms"):
         RpcWorker(P(), "/tmp/x.sock", heartbeat_timeout_ms=0)
+    with pytest.raises(ValueError, match="heartbeat_interval_ms"):
+        RpcWorker(P(), "/tmp/x.sock", heartbeat_interval_ms=-1)
     worker = RpcWorker(P(), "127.0.0.1:1", pool_size=2, service="svc")
     assert (worker.address, worker.pool_size, worker.service) == ("127.0.0.1:1", 2, "svc")
 

@@ -54,6 +54,12 @@ pub const KNOWN_KEYS: &[&str] = &[
     "max_queue",
     "front_idle_timeout_ms",
     "lb_admin_address",
+    "worker_command",
+    "worker_processes",
+    "worker_timeout_ms",
+    "worker_max_requests",
+    "worker_max_requests_jitter",
+    "worker_boot_timeout_ms",
 ];
 
 /// Keys of the Go original that nothing reads any more (`profile`, `falcon_client`,

@@ -66,6 +66,9 @@ const DEFAULT_MAX_QUEUE: usize = 1_024;
 /// Five minutes, like `upstream_idle_timeout_ms`: proxies ping idle connections every
 /// `heartbeat_interval_ms` (1 s), and a ping counts as activity, so a live proxy is never cut.
 const DEFAULT_FRONT_IDLE_TIMEOUT_MS: u64 = 300_000;
+const DEFAULT_WORKER_PROCESSES: usize = 1;
+const DEFAULT_WORKER_TIMEOUT_MS: u64 = 30_000;
+const DEFAULT_WORKER_BOOT_TIMEOUT_MS: u64 = 60_000;
 
 /// Where a socket listens or connects: a unix path, or `host:port` when the text has a `:`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -301,6 +304,79 @@ pub struct LbConfig {
     /// `front_idle_timeout_ms` (`300000`, `0` = never, NEW): a front connection with no call
     /// in flight and no frame (a ping counts) for this long is closed.
     pub front_idle_timeout: Option<Duration>,
+    /// Worker supervision (CONTRACT section 9, "LB supervision").
+    pub supervision: SupervisionConfig,
+}
+
+/// The LB's worker supervision keys (CONTRACT section 9, "LB supervision").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisionConfig {
+    /// `worker_command` (unset): the command line of one worker, split like a shell does (no
+    /// shell runs it). When set, the LB starts, watches and restarts the workers itself.
+    pub command: Option<Vec<String>>,
+    /// `worker_processes` (`1`): supervised workers kept running.
+    pub processes: usize,
+    /// `worker_timeout_ms` (`30000`, `0` = off): a call held by one worker longer than this
+    /// marks the worker hung.
+    pub timeout: Option<Duration>,
+    /// `worker_max_requests` (`0` = never): recycle a worker after this many calls ...
+    pub max_requests: u32,
+    /// `worker_max_requests_jitter` (`0`): ... plus a random 0..this.
+    pub max_requests_jitter: u32,
+    /// `worker_boot_timeout_ms` (`60000`): a started worker must send HELLO within this.
+    pub boot_timeout: Duration,
+}
+
+impl Default for SupervisionConfig {
+    /// The CONTRACT defaults: no `worker_command`.
+    fn default() -> Self {
+        SupervisionConfig {
+            command: None,
+            processes: DEFAULT_WORKER_PROCESSES,
+            timeout: Some(Duration::from_millis(DEFAULT_WORKER_TIMEOUT_MS)),
+            max_requests: 0,
+            max_requests_jitter: 0,
+            boot_timeout: Duration::from_millis(DEFAULT_WORKER_BOOT_TIMEOUT_MS),
+        }
+    }
+}
+
+// === impl SupervisionConfig ===
+
+impl SupervisionConfig {
+    /// The worker supervision keys.
+    fn from_values(values: &Values) -> Result<Self, ConfigError> {
+        let command = match values.get("worker_command") {
+            None => None,
+            Some(text) => Some(split_command(text)?),
+        };
+        Ok(SupervisionConfig {
+            command,
+            processes: values.count("worker_processes", DEFAULT_WORKER_PROCESSES)?,
+            timeout: values.optional_millis("worker_timeout_ms", DEFAULT_WORKER_TIMEOUT_MS)?,
+            max_requests: values.number("worker_max_requests", 0, u32::MAX)?,
+            max_requests_jitter: values.number("worker_max_requests_jitter", 0, u32::MAX)?,
+            boot_timeout: values.millis(
+                "worker_boot_timeout_ms",
+                DEFAULT_WORKER_BOOT_TIMEOUT_MS,
+                false,
+            )?,
+        })
+    }
+}
+
+/// `worker_command` split into words as a POSIX shell would (quotes, backslashes), without
+/// running a shell: no variables, globs, pipes or redirections.
+fn split_command(text: &str) -> Result<Vec<String>, ConfigError> {
+    match shlex::split(text) {
+        Some(words) if words.first().is_some_and(|w| !w.is_empty()) => Ok(words),
+        Some(_) => Err(invalid("worker_command", text, "names no program")),
+        None => Err(invalid(
+            "worker_command",
+            text,
+            "unbalanced quotes or a trailing backslash",
+        )),
+    }
 }
 
 /// A configuration that cannot be used. `Display` is one line naming the key.
@@ -578,6 +654,7 @@ impl LbConfig {
             max_connections: values.count("max_connections", DEFAULT_MAX_CONNECTIONS)?,
             front_idle_timeout: values
                 .optional_millis("front_idle_timeout_ms", DEFAULT_FRONT_IDLE_TIMEOUT_MS)?,
+            supervision: SupervisionConfig::from_values(values)?,
         })
     }
 }
@@ -682,6 +759,53 @@ mod tests {
         assert_eq!(config.max_queue, 1024);
         assert_eq!(config.max_connections, 20_000);
         assert_eq!(config.front_idle_timeout, Some(ms(300_000)));
+        assert_eq!(config.supervision, SupervisionConfig::default());
+        assert_eq!(config.supervision.command, None);
+        assert_eq!(config.supervision.timeout, Some(ms(30_000)));
+        assert_eq!(config.supervision.boot_timeout, ms(60_000));
+    }
+
+    #[test]
+    fn worker_command_is_split_like_a_shell_without_one() {
+        let text = format!(
+            "{LB_MIN}worker_command=/usr/bin/python3 -m app.worker --name 'my app' \\$HOME\n\
+             worker_processes=3\nworker_timeout_ms=0\nworker_max_requests=50\n\
+             worker_max_requests_jitter=5\nworker_boot_timeout_ms=2000\n"
+        );
+        let s = lb(&text).unwrap().supervision;
+        assert_eq!(
+            s.command.unwrap(),
+            [
+                "/usr/bin/python3",
+                "-m",
+                "app.worker",
+                "--name",
+                "my app",
+                "$HOME"
+            ]
+        );
+        assert_eq!(
+            (
+                s.processes,
+                s.timeout,
+                s.max_requests,
+                s.max_requests_jitter
+            ),
+            (3, None, 50, 5)
+        );
+        assert_eq!(s.boot_timeout, ms(2000));
+        for bad in ["'unbalanced", "trailing\\", "'' x"] {
+            let err = lb(&format!("{LB_MIN}worker_command={bad}\n")).unwrap_err();
+            assert_invalid(err, "worker_command");
+        }
+        for (key, bad) in [
+            ("worker_processes", "0"),
+            ("worker_timeout_ms", "-1"),
+            ("worker_max_requests", "many"),
+            ("worker_boot_timeout_ms", "0"),
+        ] {
+            assert_invalid(lb(&format!("{LB_MIN}{key}={bad}\n")).unwrap_err(), key);
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`exit`]: the exit codes of CONTRACT section 5.
 //! - [`build_runtime`]: the tokio runtime for `worker_threads`.
 //! - [`shutdown_on_signals`]: SIGTERM/SIGINT cancel the root [`CancellationToken`].
+//! - [`reload_requests`]: SIGHUP as reload requests (`rpc_lb` only; the proxy keeps SIGHUP's
+//!   default action until it reloads too).
 //! - [`init_logging`]: `tracing` to stderr or a daily-rotated file, text or JSON.
 //! - [`notify_ready`], [`notify_stopping`]: systemd `Type=notify`.
 //! - [`listener`]: listening sockets (unix or TCP) and connecting.
@@ -89,6 +91,38 @@ pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
         }
     });
     Ok(token)
+}
+
+/// SIGHUP, caught: each one is a request to re-read the configuration. Once this is called
+/// SIGHUP no longer ends the process (its default action), for the rest of its life; a binary
+/// that does not call it keeps the default.
+#[derive(Debug)]
+pub struct ReloadRequests {
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl ReloadRequests {
+    /// Waits for the next SIGHUP (several sent close together may count as one); `None`
+    /// once no more can come.
+    pub async fn recv(&mut self) -> Option<()> {
+        self.hangup.recv().await?;
+        tracing::info!(signal = "SIGHUP", "configuration reload requested");
+        Some(())
+    }
+}
+
+/// Catches SIGHUP from now on (see [`ReloadRequests`]). Call it as early as possible: until
+/// then a SIGHUP still ends the process.
+///
+/// Must be called inside a tokio runtime.
+///
+/// # Errors
+/// The signal handler could not be installed.
+pub fn reload_requests() -> std::io::Result<ReloadRequests> {
+    use tokio::signal::unix::{SignalKind, signal};
+    Ok(ReloadRequests {
+        hangup: signal(SignalKind::hangup())?,
+    })
 }
 
 /// How to log.

@@ -108,10 +108,17 @@ impl<H: Handler> Engine<H> {
             );
             return End::Reconnect;
         }
+        let mut supervised = String::new();
+        if let Some(id) = self.config.worker_id {
+            supervised.push_str(&format!(", worker id {id}"));
+        }
+        if let Some(generation) = self.config.generation {
+            supervised.push_str(&format!(", generation {generation}"));
+        }
         self.log(
             Level::Info,
             format!(
-                "connected to the LB at {address} (service {}, pool_size {}, pid {pid})",
+                "connected to the LB at {address} (service {}, pool_size {}, pid {pid}{supervised})",
                 self.config.service.as_deref().unwrap_or("-"),
                 self.config.pool_size
             ),

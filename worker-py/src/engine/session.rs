@@ -1,5 +1,6 @@
 //! One LB connection while it is served ([`Session`]): the thread holding the reader role
-//! reads it, echoes pings at once, acts on STOP, STOP_CONFIRM and the connection's close
+//! reads it, echoes pings at once, pings an LB that has sent no heartbeat for a heartbeat
+//! interval, acts on STOP, STOP_CONFIRM and the connection's close
 //! decisions ([`crate::protocol::ConnState`]), and turns every CALL or ONEWAY into a
 //! [`Job`], keeping the first one for itself and queueing the rest for the pool threads.
 
@@ -149,6 +150,19 @@ impl Session {
             }
             return Step::Ended(close.end());
         }
+        if let Some(seqid) = reading.state.ping_due(now) {
+            if reading.state.pings_sent() == 1 {
+                self.log(
+                    Level::Debug,
+                    format!(
+                        "no heartbeat from the LB for {} ms: pinging it (and again whenever it stays silent that long)",
+                        self.timings.heartbeat_interval.as_millis()
+                    ),
+                );
+            }
+            // A failed write marks the connection broken, which the next check sees.
+            conn.send(&rpc_frame::heartbeat(seqid));
+        }
         if conn.is_broken() {
             self.log_lost("writing to the LB failed", conn.held());
             return Step::Ended(reading.state.on_lost());
@@ -229,7 +243,7 @@ impl Session {
             })?;
             match reading
                 .state
-                .on_frame(message.message_type(), Instant::now())
+                .on_frame(message.message_type(), message.seqid(), Instant::now())
             {
                 Action::Dispatch => {
                     conn.hold();
@@ -247,6 +261,7 @@ impl Session {
                 Action::Echo => {
                     conn.send(message.as_wire());
                 }
+                Action::PingAnswered => {}
                 Action::StopConfirmed => {
                     self.log(
                         Level::Info,
@@ -340,7 +355,7 @@ impl Session {
             Close::HeartbeatTimeout { .. } => (
                 Level::Warning,
                 format!(
-                    "no frame from the LB for {} s after it pinged; dropping the connection",
+                    "no frame from the LB for {} s after it sent a heartbeat; dropping the connection",
                     self.timings.heartbeat_timeout.as_secs_f64()
                 ),
             ),

@@ -128,6 +128,7 @@ impl FakeLb {
                     return LbConn {
                         stream,
                         buf: BytesMut::new(),
+                        worker_pings: Vec::new(),
                     };
                 }
                 Err(_) if Instant::now() < deadline => {
@@ -143,11 +144,26 @@ impl FakeLb {
 pub(super) struct LbConn {
     stream: UnixStream,
     buf: BytesMut,
+    /// Seqids of the worker's own pings read so far (skipped by [`LbConn::read`]).
+    pub(super) worker_pings: Vec<i32>,
 }
 
 impl LbConn {
-    /// The next whole message from the worker; `None` once it closed.
+    /// The next whole message from the worker that is not one of its own pings (a heartbeat
+    /// with a negative seqid, counted in `worker_pings`); `None` once it closed.
     pub(super) fn read(&mut self) -> Option<Message> {
+        loop {
+            let message = self.read_any()?;
+            if message.message_type() == MessageType::Heartbeat && message.seqid() < 0 {
+                self.worker_pings.push(message.seqid());
+            } else {
+                return Some(message);
+            }
+        }
+    }
+
+    /// The next whole message from the worker, whatever it is; `None` once it closed.
+    pub(super) fn read_any(&mut self) -> Option<Message> {
         let mut chunk = [0u8; 4096];
         loop {
             if let Some(frame) = decode_frame(&mut self.buf, DEFAULT_MAX_FRAME_SIZE).unwrap() {
