@@ -384,6 +384,7 @@ fn reload_config(
     };
     *config = reloaded.config;
     worker_timeout.set(config.supervision.timeout);
+    rpc_runtime::set_verbose(config.common.verbose);
     supervisor.reconfigure(config.supervision.clone());
 }
 

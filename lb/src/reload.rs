@@ -1,7 +1,7 @@
 //! SIGHUP (CONTRACT section 9, "Zero downtime and reload"): the LB reads its configuration
 //! file again (the path it started with) and validates it. A file refused is logged and
 //! counted (`rpc_lb_config_reloads_total{result="error"}`) and changes nothing. A good one
-//! has its supervision keys applied ([`LIVE_KEYS`], handed to the
+//! has its supervision keys and `verbose` (the log level) applied ([`LIVE_KEYS`], handed to the
 //! [`crate::supervisor::Supervisor`], which then restarts its workers); every other key
 //! that changed is named in a warning: it needs a restart of the LB, and the LB keeps
 //! running with its old value.
@@ -14,7 +14,8 @@ use crate::metrics::LbMetrics;
 
 /// The keys a reload applies (the worker supervision keys).
 ///
-pub const LIVE_KEYS: [&str; 6] = [
+pub const LIVE_KEYS: [&str; 7] = [
+    "verbose",
     "worker_timeout_ms",
     "worker_command",
     "worker_processes",
@@ -81,102 +82,18 @@ fn log_warnings(warnings: &[ConfigWarning]) {
 
 /// `running` with the live keys of `file`, and which keys changed.
 pub fn merge(running: &LbConfig, file: LbConfig) -> Reloaded {
-    let (old, new) = (&running.supervision, &file.supervision);
-    let live = [
-        ("worker_timeout_ms", old.timeout != new.timeout),
-        ("worker_command", old.command != new.command),
-        ("worker_processes", old.processes != new.processes),
-        ("worker_max_requests", old.max_requests != new.max_requests),
-        (
-            "worker_max_requests_jitter",
-            old.max_requests_jitter != new.max_requests_jitter,
-        ),
-        (
-            "worker_boot_timeout_ms",
-            old.boot_timeout != new.boot_timeout,
-        ),
-    ];
-    let applied = live
-        .iter()
-        .filter(|(_, changed)| *changed)
-        .map(|(key, _)| *key)
-        .collect();
-    let need_restart = changed_keys(running, &file);
+    let (applied, need_restart): (Vec<_>, Vec<_>) = running
+        .changed_keys(&file)
+        .into_iter()
+        .partition(|key| LIVE_KEYS.contains(key));
     let mut config = running.clone();
+    config.common.verbose = file.common.verbose;
     config.supervision = file.supervision;
     Reloaded {
         config,
         applied,
         need_restart,
     }
-}
-
-/// The keys outside [`LIVE_KEYS`] whose value differs between `old` and `new`.
-fn changed_keys(old: &LbConfig, new: &LbConfig) -> Vec<&'static str> {
-    let (a, b) = (&old.common, &new.common);
-    let checks = [
-        ("zk", a.zk != b.zk),
-        ("product", a.product != b.product),
-        (
-            "zk_session_timeout",
-            a.zk_session_timeout != b.zk_session_timeout,
-        ),
-        ("verbose", a.verbose != b.verbose),
-        ("max_frame_size", a.max_frame_size != b.max_frame_size),
-        (
-            "heartbeat_interval_ms",
-            a.heartbeat_interval != b.heartbeat_interval,
-        ),
-        (
-            "heartbeat_timeout_ms",
-            a.heartbeat_timeout != b.heartbeat_timeout,
-        ),
-        ("log_keep_days", a.log_keep_days != b.log_keep_days),
-        ("log_format", a.log_format != b.log_format),
-        ("status_interval_ms", a.status_interval != b.status_interval),
-        ("zk_auth", a.zk_auth != b.zk_auth),
-        ("socket_mode", a.socket_mode != b.socket_mode),
-        ("worker_threads", a.worker_threads != b.worker_threads),
-        ("write_timeout_ms", a.write_timeout != b.write_timeout),
-        (
-            "max_connection_buffer_bytes",
-            a.max_connection_buffer_bytes != b.max_connection_buffer_bytes,
-        ),
-        (
-            "max_process_buffer_bytes",
-            a.max_process_buffer_bytes != b.max_process_buffer_bytes,
-        ),
-        ("service", old.service != new.service),
-        ("front_host", old.front_host != new.front_host),
-        ("front_port", old.front_port != new.front_port),
-        ("ip_prefix", old.ip_prefix != new.ip_prefix),
-        ("front_sock", old.front_sock != new.front_sock),
-        ("back_address", old.back_address != new.back_address),
-        ("lb_admin_address", old.admin_address != new.admin_address),
-        (
-            "worker_pool_size",
-            old.worker_pool_size != new.worker_pool_size,
-        ),
-        (
-            "request_timeout_ms",
-            old.request_timeout != new.request_timeout,
-        ),
-        ("drain_grace_ms", old.drain_grace != new.drain_grace),
-        ("max_queue", old.max_queue != new.max_queue),
-        (
-            "max_connections",
-            old.max_connections != new.max_connections,
-        ),
-        (
-            "front_idle_timeout_ms",
-            old.front_idle_timeout != new.front_idle_timeout,
-        ),
-    ];
-    checks
-        .iter()
-        .filter(|(_, changed)| *changed)
-        .map(|(key, _)| *key)
-        .collect()
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! - [`metrics`]: what is measured (calls, connections, endpoints, ZooKeeper).
 //! - [`admin`]: the admin routes (`/healthz`, `/metrics`, `/status`).
 //! - [`status`]: the periodic status log line.
+//! - [`reload`]: SIGHUP re-reads the configuration and applies what can change live.
 //!
 //! # Shutdown order
 //! On the shutdown token: `/healthz` turns 503; stop accepting and remove the socket file;
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod connection;
 pub mod error;
 pub mod metrics;
+pub mod reload;
 pub mod resilience;
 pub mod route;
 pub mod status;
@@ -34,6 +36,7 @@ pub use rpc_runtime::listener;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rpc_admin::AdminListener;
 use rpc_config::ProxyConfig;
 use rpc_registry::{DiscoveryEvent, ZkSettings};
@@ -68,15 +71,34 @@ pub fn upstream_settings(config: &ProxyConfig) -> UpstreamSettings {
     }
 }
 
+/// Builds a client connection's settings from the configuration, within the process's byte
+/// budget `process_budget` (one for the life of the process).
+pub fn connection_settings(
+    config: &ProxyConfig,
+    process_budget: Arc<rpc_mux::ProcessBudget>,
+) -> ConnectionSettings {
+    ConnectionSettings {
+        max_frame_size: config.common.max_frame_size,
+        max_inflight: config.max_inflight_per_connection,
+        startup_hold: config.startup_hold,
+        idle_timeout: config.client_idle_timeout,
+        write_timeout: config.common.write_timeout,
+        max_buffer_bytes: config.common.max_connection_buffer_bytes,
+        process_budget,
+    }
+}
+
 /// Longest wait for the admin endpoint to close at the end of the stop.
 const ADMIN_CLOSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs the proxy with ZooKeeper discovery until `shutdown` is cancelled and the drain is
-/// over. `admin` is the bound `admin_address` socket, if configured.
+/// over. `admin` is the bound `admin_address` socket, if configured; `reload`, when given,
+/// re-reads the configuration file on SIGHUP.
 pub async fn run(
     config: ProxyConfig,
     listener: Listener,
     admin: Option<AdminListener>,
+    reload: Option<reload::Reload>,
     shutdown: CancellationToken,
 ) {
     let (events_tx, events_rx) = mpsc::channel(DISCOVERY_QUEUE);
@@ -92,7 +114,7 @@ pub async fn run(
         events_tx,
         discovery_stop.clone(),
     ));
-    serve(config, listener, admin, events_rx, shutdown).await;
+    serve(config, listener, admin, events_rx, reload, shutdown).await;
     discovery_stop.cancel();
     let _ = discovery.await;
 }
@@ -117,7 +139,7 @@ pub async fn run_with_discovery(
         },
         None => None,
     };
-    serve(config, listener, admin, events, shutdown).await;
+    serve(config, listener, admin, events, None, shutdown).await;
 }
 
 async fn serve(
@@ -125,6 +147,7 @@ async fn serve(
     listener: Listener,
     admin: Option<AdminListener>,
     mut events: mpsc::Receiver<DiscoveryEvent>,
+    reload: Option<reload::Reload>,
     shutdown: CancellationToken,
 ) {
     let metrics = Arc::new(Metrics::new());
@@ -139,15 +162,11 @@ async fn serve(
             }
         })
     };
-    let settings = Arc::new(ConnectionSettings {
-        max_frame_size: config.common.max_frame_size,
-        max_inflight: config.max_inflight_per_connection,
-        startup_hold: config.startup_hold,
-        idle_timeout: config.client_idle_timeout,
-        write_timeout: config.common.write_timeout,
-        max_buffer_bytes: config.common.max_connection_buffer_bytes,
-        process_budget: rpc_mux::ProcessBudget::new(config.common.max_process_buffer_bytes),
-    });
+    // Each new connection takes the settings of the moment (a reload replaces them).
+    let settings = Arc::new(ArcSwap::from_pointee(connection_settings(
+        &config,
+        rpc_mux::ProcessBudget::new(config.common.max_process_buffer_bytes),
+    )));
     // The admin endpoint outlives the drain (its /healthz says 503 meanwhile).
     let admin_stop = CancellationToken::new();
     let admin = admin.map(|admin| {
@@ -158,6 +177,14 @@ async fn serve(
         .common
         .status_interval
         .map(|every| tokio::spawn(status::run(router.clone(), every)));
+    let reloader = reload.map(|reload| {
+        tokio::spawn(reload::run(
+            reload,
+            config.clone(),
+            router.clone(),
+            settings.clone(),
+        ))
+    });
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
     tracing::info!(
@@ -184,6 +211,9 @@ async fn serve(
     if let Some(status) = status {
         status.abort();
     }
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     admin_stop.cancel();
     if let Some(admin) = admin {
         let _ = tokio::time::timeout(ADMIN_CLOSE, admin).await;
@@ -196,7 +226,7 @@ async fn accept_loop(
     tracker: &TaskTracker,
     limit: &Arc<Semaphore>,
     router: &Arc<Router>,
-    settings: &Arc<ConnectionSettings>,
+    settings: &Arc<ArcSwap<ConnectionSettings>>,
     shutdown: &CancellationToken,
 ) {
     let mut warned_full = false;
@@ -214,7 +244,7 @@ async fn accept_loop(
         };
         warned_full = false;
         let router = router.clone();
-        let settings = settings.clone();
+        let settings = settings.load_full();
         let shutdown = shutdown.clone();
         let open = ConnectionGauge::open(router.metrics());
         tracker.spawn(async move {

@@ -1,8 +1,10 @@
-//! `rpc_proxy` command line: parse flags, read the configuration, set up logging, bind the
-//! client socket, run until SIGTERM/SIGINT, drain, exit. See `lib.rs` for the shutdown order.
+//! `rpc_proxy` command line: parse flags, read the configuration, set up logging, catch SIGHUP
+//! (a reload), bind the client socket, run until SIGTERM/SIGINT, drain, exit. See `lib.rs` for
+//! the shutdown order.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use rpc_admin::AdminListener;
 use rpc_config::ProxyConfig;
@@ -31,10 +33,17 @@ fn main() -> ExitCode {
         Ok(guard) => guard,
         Err(code) => return code,
     };
+    let config_path = cli.common.config.clone();
     startup::serve(
         "rpc_proxy",
         config.common.worker_threads,
         |shutdown| async move {
+            // First: from here on SIGHUP reloads instead of ending the process.
+            let requests = rpc_runtime::reload_requests().context("cannot catch SIGHUP")?;
+            let reload = rpc_proxy::reload::Reload {
+                path: config_path,
+                requests,
+            };
             let listener = Listener::bind(&config.proxy_address, config.common.socket_mode).await?;
             let admin = match config.admin_address.as_deref() {
                 Some(address) => Some(AdminListener::bind(address).await?),
@@ -46,7 +55,7 @@ fn main() -> ExitCode {
                 zk = config.common.zk,
                 "rpc_proxy starting"
             );
-            rpc_proxy::run(config, listener, admin, shutdown).await;
+            rpc_proxy::run(config, listener, admin, Some(reload), shutdown).await;
             tracing::info!("rpc_proxy stopped");
             Ok(())
         },

@@ -166,6 +166,7 @@ pub struct Metrics {
     budget_exhausted: IntCounterVec,
     ejections: IntCounterVec,
     ejected: IntGaugeVec,
+    config_reloads: IntCounterVec,
     zk: Mutex<ZkTracker>,
     /// Scrapes one at a time: each rewrites the table-derived gauges.
     scrape: Mutex<()>,
@@ -254,6 +255,12 @@ impl Metrics {
                 "Endpoints of the service ejected now.",
                 &["service"],
             ),
+            config_reloads: m::counter_vec(
+                &registry,
+                "rpc_proxy_config_reloads_total",
+                "Configuration reloads (SIGHUP) by result: ok (applied), error (file refused, old configuration kept).",
+                &["result"],
+            ),
             zk: Mutex::new(ZkTracker {
                 state: ZkState::Connecting,
                 connected_before: false,
@@ -262,6 +269,9 @@ impl Metrics {
             registry,
         };
         metrics.show_zk_state(ZkState::Connecting);
+        for result in ["ok", "error"] {
+            metrics.config_reloads.with_label_values(&[result]);
+        }
         metrics
     }
 
@@ -283,6 +293,13 @@ impl Metrics {
             ejections_failed_probe: self.ejections.with_label_values(&[service, "failed_probe"]),
             ejected: self.ejected.with_label_values(&[service]),
         }
+    }
+
+    /// Counts a configuration reload, applied (`ok`) or refused.
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     /// Notes a ZooKeeper session change; returns whether it was one.

@@ -35,6 +35,8 @@ use prometheus::{IntCounter, IntGauge};
 use rand::Rng;
 use rpc_config::ResilienceConfig;
 
+use crate::upstream::SharedSettings;
+
 /// How long a counted failure weighs on an endpoint's balancing score (fading linearly).
 pub const PENALTY_WINDOW: Duration = Duration::from_secs(1);
 
@@ -295,10 +297,8 @@ impl RetryBudget {
 #[derive(Debug)]
 pub struct ServiceHealth {
     name: String,
-    config: ResilienceConfig,
-    /// A probe handed out this long ago without a verdict (its caller went away) is given up,
-    /// and the next call probes.
-    probe_expiry: Duration,
+    /// The keys (`resilience`) and the request timeout in force: a reload changes them.
+    settings: SharedSettings,
     budget: RetryBudget,
     /// Endpoints of the service in the routing table now.
     endpoints: AtomicUsize,
@@ -308,17 +308,11 @@ pub struct ServiceHealth {
 }
 
 impl ServiceHealth {
-    /// The state of `name`, with `config`; a probe unanswered for `probe_expiry` is given up.
-    pub fn new(
-        name: &str,
-        config: ResilienceConfig,
-        probe_expiry: Duration,
-        metrics: HealthMetrics,
-    ) -> Self {
+    /// The state of `name`, under `settings`.
+    pub fn new(name: &str, settings: SharedSettings, metrics: HealthMetrics) -> Self {
         ServiceHealth {
             name: name.to_owned(),
-            config,
-            probe_expiry,
+            settings,
             budget: RetryBudget::default(),
             endpoints: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
@@ -346,9 +340,21 @@ impl ServiceHealth {
         &self.metrics
     }
 
+    /// The outlier and retry keys in force.
+    fn config(&self) -> ResilienceConfig {
+        self.settings.load().resilience
+    }
+
+    /// A probe handed out this long ago without a verdict (its caller went away) is given up,
+    /// and the next call probes: once its call would have timed out, with a margin.
+    fn probe_expiry(&self) -> Duration {
+        self.settings.load().request_timeout * 2
+    }
+
     /// Whether retries are possible at all (a budget of 0 % and 0 per second allows none).
     pub fn may_retry(&self) -> bool {
-        self.config.retry_budget_percent > 0 || self.config.retry_min_per_sec > 0
+        let config = self.config();
+        config.retry_budget_percent > 0 || config.retry_min_per_sec > 0
     }
 
     /// Counts one call of the service (read at `started`) into the retry budget.
@@ -359,7 +365,7 @@ impl ServiceHealth {
     /// Takes one retry for `reason` from the budget; false (and counted as exhausted) when
     /// the window has none left.
     pub fn try_retry(&self, reason: RetryReason) -> bool {
-        if self.budget.try_withdraw(Instant::now(), &self.config) {
+        if self.budget.try_withdraw(Instant::now(), &self.config()) {
             match reason {
                 RetryReason::NotSent => self.metrics.retries_not_sent.inc(),
                 RetryReason::Refused => self.metrics.retries_refused.inc(),
@@ -383,7 +389,7 @@ impl ServiceHealth {
             return Admission::Ejected;
         }
         let out = outlier.probe_at.load(Ordering::Relaxed);
-        if out != 0 && now.saturating_sub(out) < self.probe_expiry.as_millis() as u64 {
+        if out != 0 && now.saturating_sub(out) < self.probe_expiry().as_millis() as u64 {
             return Admission::Ejected;
         }
         match outlier
@@ -429,7 +435,7 @@ impl ServiceHealth {
                     return;
                 }
                 let failures = outlier.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-                let threshold = self.config.consecutive_failures;
+                let threshold = self.config().consecutive_failures;
                 if threshold > 0 && failures >= threshold {
                     self.try_eject(outlier, now, label, outstanding, failures);
                 }
@@ -448,7 +454,7 @@ impl ServiceHealth {
     /// The most endpoints that may be ejected at once.
     fn max_ejected(&self) -> usize {
         let endpoints = self.endpoints.load(Ordering::Relaxed);
-        (endpoints * self.config.max_ejection_percent as usize / 100).max(1)
+        (endpoints * self.config().max_ejection_percent as usize / 100).max(1)
     }
 
     /// Ejects an admitted endpoint after `failures` in a row, if the cap allows.
@@ -499,7 +505,8 @@ impl ServiceHealth {
         outstanding: usize,
         failed_probe: bool,
     ) {
-        let base = self.config.base_ejection.as_millis() as u64;
+        let config = self.config();
+        let base = config.base_ejection.as_millis() as u64;
         // n decays by one per base period served since the last readmission.
         let previous = u64::from(outlier.ejections.load(Ordering::Relaxed));
         let readmitted = outlier.readmitted_at.load(Ordering::Relaxed);
@@ -528,7 +535,7 @@ impl ServiceHealth {
             service = self.name,
             endpoint = label,
             reason,
-            failures = self.config.consecutive_failures,
+            failures = config.consecutive_failures,
             ejection_ms,
             n,
             outstanding,
@@ -565,15 +572,23 @@ mod tests {
         }
     }
 
-    fn health(config: ResilienceConfig, endpoints: usize) -> ServiceHealth {
-        let h = ServiceHealth::new(
-            "svc",
-            config,
-            Duration::from_secs(10),
-            HealthMetrics::detached(),
-        );
+    fn health_with(
+        resilience: ResilienceConfig,
+        request_timeout: Duration,
+        endpoints: usize,
+    ) -> ServiceHealth {
+        let settings = crate::upstream::shared(crate::upstream::UpstreamSettings {
+            resilience,
+            request_timeout,
+            ..Default::default()
+        });
+        let h = ServiceHealth::new("svc", settings, HealthMetrics::detached());
         h.set_endpoints(endpoints);
         h
+    }
+
+    fn health(config: ResilienceConfig, endpoints: usize) -> ServiceHealth {
+        health_with(config, Duration::from_secs(5), endpoints)
     }
 
     fn fail(h: &ServiceHealth, o: &Outlier, times: u32) {
@@ -680,13 +695,7 @@ mod tests {
 
     #[test]
     fn a_lost_probe_is_given_up() {
-        let h = ServiceHealth::new(
-            "svc",
-            config(1, 30_000),
-            Duration::ZERO,
-            HealthMetrics::detached(),
-        );
-        h.set_endpoints(2);
+        let h = health_with(config(1, 30_000), Duration::ZERO, 2);
         let o = Outlier::default();
         fail(&h, &o, 1);
         expire(&o);

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::metrics::{Metrics, Outcome, ServiceCalls, UNKNOWN};
 use crate::resilience::{Admission, ServiceHealth};
-use crate::upstream::{Endpoint, UpstreamSettings};
+use crate::upstream::{Endpoint, SharedSettings, UpstreamSettings};
 
 /// The endpoints of one service at one moment (replaced whole on every change).
 #[derive(Debug)]
@@ -163,7 +163,7 @@ pub struct Router {
     /// Every service's resilience state, kept when a service leaves the table (its counters
     /// live on in the metrics) and found again when it comes back.
     healths: Mutex<HashMap<String, Arc<ServiceHealth>>>,
-    settings: Arc<UpstreamSettings>,
+    settings: SharedSettings,
     synced: AtomicBool,
     synced_notify: Notify,
     metrics: Arc<Metrics>,
@@ -177,6 +177,7 @@ impl Router {
 
     /// An empty table, not yet synced, counting calls in `metrics`.
     pub fn with_metrics(settings: Arc<UpstreamSettings>, metrics: Arc<Metrics>) -> Self {
+        let settings = Arc::new(arc_swap::ArcSwap::new(settings));
         Router {
             services: RwLock::new(HashMap::new()),
             healths: Mutex::new(HashMap::new()),
@@ -185,6 +186,11 @@ impl Router {
             synced_notify: Notify::new(),
             metrics,
         }
+    }
+
+    /// The upstream settings in force (a reload stores new ones here).
+    pub fn settings(&self) -> &SharedSettings {
+        &self.settings
     }
 
     /// The proxy's metrics.
@@ -257,10 +263,7 @@ impl Router {
             .or_insert_with(|| {
                 Arc::new(ServiceHealth::new(
                     service,
-                    self.settings.resilience,
-                    // A probe whose caller went away is given up once its call would have
-                    // timed out, with a margin.
-                    self.settings.request_timeout * 2,
+                    self.settings.clone(),
                     self.metrics.health(service),
                 ))
             })

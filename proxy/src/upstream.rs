@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use rand::Rng;
 use rpc_config::{Address, ResilienceConfig};
 use rpc_frame::{Message, MessageType};
@@ -28,6 +29,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::UpstreamFailure;
 use crate::resilience::{Admission, HealthMetrics, Outlier, ServiceHealth, Verdict};
+
+/// The upstream settings in force, shared by the router, every endpoint and every service's
+/// resilience state; a reload (SIGHUP) stores new ones, read by new calls and new connections.
+pub type SharedSettings = Arc<ArcSwap<UpstreamSettings>>;
+
+/// `settings` made shareable and replaceable.
+pub fn shared(settings: UpstreamSettings) -> SharedSettings {
+    Arc::new(ArcSwap::from_pointee(settings))
+}
 
 /// Tunables of every upstream connection, from the proxy configuration.
 #[derive(Debug, Clone)]
@@ -159,7 +169,9 @@ pub enum Refused {
 pub struct Endpoint {
     address: Address,
     label: String,
-    settings: Arc<UpstreamSettings>,
+    settings: SharedSettings,
+    /// Its connection slots (`upstream_connections` when it was made).
+    connections: usize,
     /// Calls queued or in flight (balancing and the `max_pending` bound).
     outstanding: AtomicUsize,
     /// Removed from ZooKeeper: no new calls are routed here; connections close once empty.
@@ -186,14 +198,16 @@ impl Endpoint {
     /// first call.
     pub fn new(
         address: Address,
-        settings: Arc<UpstreamSettings>,
+        settings: SharedSettings,
         health: Arc<ServiceHealth>,
     ) -> Arc<Self> {
-        let slots = (0..settings.connections.max(1)).map(|_| None).collect();
+        let connections = settings.load().connections.max(1);
+        let slots = (0..connections).map(|_| None).collect();
         Arc::new(Endpoint {
             label: address.to_string(),
             address,
             settings,
+            connections,
             outstanding: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             slots: Mutex::new(slots),
@@ -208,13 +222,9 @@ impl Endpoint {
     }
 
     /// An endpoint of a service of its own, with metrics registered nowhere (tests).
-    pub fn detached(address: Address, settings: Arc<UpstreamSettings>) -> Arc<Self> {
-        let health = ServiceHealth::new(
-            "detached",
-            settings.resilience,
-            settings.request_timeout,
-            HealthMetrics::detached(),
-        );
+    pub fn detached(address: Address, settings: UpstreamSettings) -> Arc<Self> {
+        let settings = shared(settings);
+        let health = ServiceHealth::new("detached", settings.clone(), HealthMetrics::detached());
         Endpoint::new(address, settings, Arc::new(health))
     }
 
@@ -259,7 +269,7 @@ impl Endpoint {
 
     /// How long a call routed here may take (`request_timeout_ms`).
     pub fn request_timeout(&self) -> Duration {
-        self.settings.request_timeout
+        self.settings.load().request_timeout
     }
 
     /// The endpoint's address.
@@ -333,24 +343,24 @@ impl Endpoint {
     /// # Errors
     /// [`Refused`] (with the call) when in backoff or full.
     pub fn send(self: &Arc<Self>, out: Outgoing) -> Result<(), Refused> {
-        if self.settings.abort.is_fired() {
+        let settings = self.settings.load();
+        if settings.abort.is_fired() {
             return Err(Refused::Stopping(out));
         }
         if self.in_backoff() {
             return Err(Refused::Backoff(out));
         }
-        if self.outstanding.fetch_add(1, Ordering::Relaxed) >= self.settings.max_pending {
+        if self.outstanding.fetch_add(1, Ordering::Relaxed) >= settings.max_pending {
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
             return Err(Refused::Full(out));
         }
-        let slot =
-            self.next_slot.fetch_add(1, Ordering::Relaxed) % self.settings.connections.max(1);
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.connections;
         let mut out = out;
         // Two tries: the connection found may close between the lookup and the send.
         for _ in 0..2 {
             let conn = self.connection(slot);
             let bytes = out.message.as_wire().len();
-            if conn.queued_bytes.load(Ordering::Relaxed) >= self.settings.max_queued_bytes {
+            if conn.queued_bytes.load(Ordering::Relaxed) >= settings.max_queued_bytes {
                 // The endpoint does not read what it was sent: like backoff, the call may
                 // go to another endpoint.
                 self.finish_one();
@@ -558,7 +568,7 @@ impl rpc_mux::Policy for UpstreamPolicy<'_> {
         if queued
             && tick
                 .writing_for
-                .is_some_and(|w| w >= self.endpoint.settings.request_timeout)
+                .is_some_and(|w| w >= self.endpoint.request_timeout())
         {
             // Calls queued behind a write the endpoint has not taken for a request timeout
             // would outlive their deadline: close, so they come back for another endpoint.
@@ -570,7 +580,7 @@ impl rpc_mux::Policy for UpstreamPolicy<'_> {
         if self.endpoint.is_draining() {
             return Err(Close::Drained);
         }
-        if tick.since_last_call >= self.endpoint.settings.idle_timeout {
+        if tick.since_last_call >= self.endpoint.settings.load().idle_timeout {
             return Err(Close::Idle);
         }
         Ok(())
@@ -630,7 +640,8 @@ async fn run_connection(
     slot: usize,
     mut rx: mpsc::UnboundedReceiver<Outbound<Outgoing>>,
 ) {
-    let settings = endpoint.settings.clone();
+    // The settings of the moment, for this connection's life.
+    let settings = endpoint.settings.load_full();
     let connect = tokio::time::timeout(
         settings.connect_timeout,
         rpc_runtime::listener::connect(&endpoint.address),

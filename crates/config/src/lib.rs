@@ -433,9 +433,44 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
+/// The keys among `$key => $field` whose values differ between `$old` and `$new`, in order.
+macro_rules! changed_keys {
+    ($old:expr, $new:expr; $($key:literal => $($field:ident).+),* $(,)?) => {{
+        let mut keys: Vec<&'static str> = Vec::new();
+        $(
+            if $old.$($field).+ != $new.$($field).+ {
+                keys.push($key);
+            }
+        )*
+        keys
+    }};
+}
+
 // === impl CommonConfig ===
 
 impl CommonConfig {
+    /// The keys whose values differ between `self` and `other` (a reload names them).
+    pub fn changed_keys(&self, other: &Self) -> Vec<&'static str> {
+        changed_keys!(self, other;
+            "zk" => zk,
+            "product" => product,
+            "zk_session_timeout" => zk_session_timeout,
+            "verbose" => verbose,
+            "max_frame_size" => max_frame_size,
+            "heartbeat_interval_ms" => heartbeat_interval,
+            "heartbeat_timeout_ms" => heartbeat_timeout,
+            "log_keep_days" => log_keep_days,
+            "log_format" => log_format,
+            "status_interval_ms" => status_interval,
+            "zk_auth" => zk_auth,
+            "socket_mode" => socket_mode,
+            "worker_threads" => worker_threads,
+            "write_timeout_ms" => write_timeout,
+            "max_connection_buffer_bytes" => max_connection_buffer_bytes,
+            "max_process_buffer_bytes" => max_process_buffer_bytes,
+        )
+    }
+
     /// The keys every binary reads.
     fn from_values(values: &Values) -> Result<Self, ConfigError> {
         let zk = values.required("zk")?;
@@ -551,6 +586,31 @@ fn parse_with<C>(
 // === impl ProxyConfig ===
 
 impl ProxyConfig {
+    /// The keys whose values differ between `self` and `other`, shared keys first.
+    pub fn changed_keys(&self, other: &Self) -> Vec<&'static str> {
+        let mut keys = self.common.changed_keys(&other.common);
+        keys.extend(changed_keys!(self, other;
+            "proxy_address" => proxy_address,
+            "proxy_admin_address" => admin_address,
+            "request_timeout_ms" => request_timeout,
+            "drain_grace_ms" => drain_grace,
+            "max_connections" => max_connections,
+            "max_inflight_per_connection" => max_inflight_per_connection,
+            "max_pending_per_endpoint" => max_pending_per_endpoint,
+            "upstream_connections" => upstream_connections,
+            "upstream_idle_timeout_ms" => upstream_idle_timeout,
+            "connect_timeout_ms" => connect_timeout,
+            "client_idle_timeout_ms" => client_idle_timeout,
+            "startup_hold_ms" => startup_hold,
+            "outlier_consecutive_failures" => resilience.consecutive_failures,
+            "outlier_base_ejection_ms" => resilience.base_ejection,
+            "outlier_max_ejection_percent" => resilience.max_ejection_percent,
+            "retry_budget_percent" => resilience.retry_budget_percent,
+            "retry_min_per_sec" => resilience.retry_min_per_sec,
+        ));
+        keys
+    }
+
     /// Reads and validates `path`.
     ///
     /// # Errors
@@ -611,6 +671,33 @@ impl ProxyConfig {
 // === impl LbConfig ===
 
 impl LbConfig {
+    /// The keys whose values differ between `self` and `other`, shared keys first.
+    pub fn changed_keys(&self, other: &Self) -> Vec<&'static str> {
+        let mut keys = self.common.changed_keys(&other.common);
+        keys.extend(changed_keys!(self, other;
+            "service" => service,
+            "front_host" => front_host,
+            "front_port" => front_port,
+            "ip_prefix" => ip_prefix,
+            "front_sock" => front_sock,
+            "back_address" => back_address,
+            "lb_admin_address" => admin_address,
+            "worker_pool_size" => worker_pool_size,
+            "request_timeout_ms" => request_timeout,
+            "drain_grace_ms" => drain_grace,
+            "max_queue" => max_queue,
+            "max_connections" => max_connections,
+            "front_idle_timeout_ms" => front_idle_timeout,
+            "worker_timeout_ms" => supervision.timeout,
+            "worker_command" => supervision.command,
+            "worker_processes" => supervision.processes,
+            "worker_max_requests" => supervision.max_requests,
+            "worker_max_requests_jitter" => supervision.max_requests_jitter,
+            "worker_boot_timeout_ms" => supervision.boot_timeout,
+        ));
+        keys
+    }
+
     /// Reads and validates `path`.
     ///
     /// # Errors

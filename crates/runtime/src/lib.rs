@@ -21,9 +21,13 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::sync::OnceLock;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 /// Exit codes (CONTRACT section 5; `sysexits.h` numbering).
 pub mod exit {
@@ -136,6 +140,29 @@ pub struct LogOptions {
     pub keep_days: usize,
     /// One JSON object per line.
     pub json: bool,
+    /// The level came from the command line (`--log-level`): the configuration's `verbose`
+    /// no longer changes it on reload ([`set_verbose`]).
+    pub level_from_flag: bool,
+}
+
+/// The installed filter, replaceable ([`set_verbose`]).
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Whether `--log-level` set the level (then `verbose` is ignored on reload).
+static LEVEL_FROM_FLAG: AtomicBool = AtomicBool::new(false);
+
+/// Applies the configuration's `verbose` on reload: `debug` when set, else `info`; no-op when
+/// `--log-level` chose the level or no subscriber was installed by [`init_logging`].
+pub fn set_verbose(verbose: bool) {
+    if LEVEL_FROM_FLAG.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Some(handle) = FILTER.get() {
+        let level = if verbose { "debug" } else { "info" };
+        if handle.reload(EnvFilter::new(level)).is_ok() {
+            tracing::info!(level, "log level set from the configuration");
+        }
+    }
 }
 
 /// Whether the global subscriber writes to a log file (`-L`) rather than stderr. Set by
@@ -170,17 +197,23 @@ pub fn init_logging(options: &LogOptions) -> Result<LogGuard, String> {
         }
     };
     let ansi = options.file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let format = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(ansi)
         .with_target(false);
-    let result = if options.json {
-        builder.json().try_init()
+    let format = if options.json {
+        format.json().boxed()
     } else {
-        builder.try_init()
+        format.boxed()
     };
-    result.map_err(|e| format!("cannot install logger: {e}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(format)
+        .try_init()
+        .map_err(|e| format!("cannot install logger: {e}"))?;
+    let _ = FILTER.set(handle);
+    LEVEL_FROM_FLAG.store(options.level_from_flag, Ordering::Relaxed);
     LOGS_TO_FILE.store(options.file.is_some(), Ordering::Relaxed);
     Ok(LogGuard { _guard: guard })
 }

@@ -91,6 +91,7 @@ pub fn start_logging(
         file: args.log_file.clone(),
         keep_days: common.log_keep_days,
         json: common.log_format == LogFormat::Json,
+        level_from_flag: args.log_level.is_some(),
     })
     .map_err(|e| {
         eprintln!("{binary}: {e}");
