@@ -4,12 +4,21 @@
 #
 # Usage: control_proxy.sh <start|stop|restart|status|tail> [config.ini]
 #
+# restart is a handover that refuses no connection (CONTRACT section 9): a new process starts
+# with --takeover, binds beside proxy_address and renames its socket over it; once the path
+# names the new socket, the pid file names the new pid and the old process gets SIGTERM: it
+# leaves the path alone, serves every connection it accepted or had queued, and exits. If the
+# new process fails to start or to take over in time, it is stopped and the old one keeps
+# serving (exit non-zero). A TCP proxy_address (host:port) cannot be handed over: restart is
+# then stop, then start. When nothing runs, restart is start.
+#
 # Environment:
 #   RPC_PROXY_CONFIG         config when no argument is given (default /usr/local/rpc_proxy/config.ini)
 #   RPC_PROXY_BIN            the binary (default: rpc_proxy on PATH, else bin/rpc_proxy beside this script)
 #   RPC_PROXY_LOG_DIR        pid, log and output files (default ./log)
 #   RPC_PROXY_LOG_LEVEL      passed on as --log-level when set
-#   RPC_PROXY_START_TIMEOUT  seconds `start` waits for the process to listen (default 10)
+#   RPC_PROXY_START_TIMEOUT  seconds `start` waits for the process to listen, and `restart` for
+#                            the new one to take the socket over (default 10)
 #   RPC_PROXY_STOP_TIMEOUT   seconds `stop` waits after SIGTERM before SIGKILL (default 20;
 #                            the proxy itself gives up draining after 15 s)
 #
@@ -17,9 +26,10 @@
 # daily, UTC dates); rpc_proxy.out (stdout and stderr: bad-config messages, panics).
 #
 # Exit codes: 0 done (stop on a stopped proxy too); 1 failed (already running, did not stop in
-# time and was killed, not listening in time); 3 `status` found it not running; 64 bad usage;
-# 78 config file missing. When the binary dies at once, `start` exits with its exit code
-# (78 bad config, 64 bad usage, 1 runtime failure).
+# time and was killed, not listening in time, no takeover in time); 3 `status` found it not
+# running; 64 bad usage; 78 config file missing. When the binary dies at once, `start` and
+# `restart` exit with its exit code (78 bad config, 64 bad usage, 1 runtime failure); after a
+# failed `restart` the old process still runs.
 set -euo pipefail
 
 NAME=rpc_proxy
@@ -172,25 +182,27 @@ take_lock() {
     flock -w 60 9 || die 1 "another $SCRIPT holds $LOCK_FILE"
 }
 
-do_start() {
-    local pid out_size log log_size rc deadline
-    if pid=$(running_pid); then
-        die 1 "$NAME already running (pid $pid); refusing to start another"
-    fi
+# Fails (exit 78, or 1) unless the config is readable and the binary is there.
+check_runnable() {
     if [ ! -f "$CONFIG" ] || [ ! -r "$CONFIG" ]; then
         die 78 "config file not found or not readable: $CONFIG"
     fi
     if [[ $BIN != */* ]] || [ ! -x "$BIN" ]; then
         die 1 "$NAME binary not found (set RPC_PROXY_BIN or put $NAME on PATH): $BIN"
     fi
+}
+
+# Starts the binary in the background with extra flags "$@"; sets LAUNCHED (its pid) and, for
+# report_failed_start, OUT_SIZE, LOG and LOG_SIZE.
+launch() {
     local cmd=("$BIN" -c "$CONFIG" -L "$LOG_FILE")
     [ -z "$LOG_LEVEL" ] || cmd+=(--log-level "$LOG_LEVEL")
-
-    echo "$(date -u +%FT%TZ) $SCRIPT start: ${cmd[*]}" >>"$OUT_FILE"
+    cmd+=("$@")
+    echo "$(date -u +%FT%TZ) $SCRIPT $ACTION: ${cmd[*]}" >>"$OUT_FILE"
     # What the binary writes from here on is what a failed start shows.
-    out_size=$(stat -c %s "$OUT_FILE")
-    log=$(current_log)
-    log_size=$(stat -c %s "$log" 2>/dev/null || echo 0)
+    OUT_SIZE=$(stat -c %s "$OUT_FILE")
+    LOG=$(current_log)
+    LOG_SIZE=$(stat -c %s "$LOG" 2>/dev/null || echo 0)
     # setsid: not killed with the shell that started it (a closed ssh session, a Ctrl-C).
     # The lock fd is closed for the child, or the daemon would hold the lock forever.
     if command -v setsid >/dev/null 2>&1; then
@@ -198,30 +210,50 @@ do_start() {
     else
         nohup "${cmd[@]}" </dev/null >>"$OUT_FILE" 2>&1 9>&- &
     fi
-    pid=$!
-    echo "$pid" >"$PID_FILE.tmp"
+    LAUNCHED=$!
+}
+
+# The launched pid died: prints why (its output since launch) and exits with its exit code.
+report_failed_start() {
+    local pid=$1 rc=0
+    wait "$pid" || rc=$?
+    {
+        echo "$SCRIPT: $NAME failed to start: exit code $rc (config $CONFIG)"
+        echo "--- $OUT_FILE"
+        tail -c +"$((OUT_SIZE + 1))" "$OUT_FILE" | tail -n 20
+        # The -L log too, when this run wrote to it (errors after logging started).
+        [ "$(current_log)" = "$LOG" ] || LOG_SIZE=0
+        LOG=$(current_log)
+        if [ "$(stat -c %s "$LOG" 2>/dev/null || echo 0)" -gt "$LOG_SIZE" ]; then
+            echo "--- $LOG"
+            tail -c +"$((LOG_SIZE + 1))" "$LOG" | tail -n 10
+        fi
+    } >&2
+    [ "$rc" -ne 0 ] || rc=1
+    exit "$rc"
+}
+
+# Writes the pid file (atomically: a reader sees the old pid or the new one).
+write_pid() {
+    echo "$1" >"$PID_FILE.tmp"
     mv -f "$PID_FILE.tmp" "$PID_FILE"
+}
+
+do_start() {
+    local pid deadline
+    if pid=$(running_pid); then
+        die 1 "$NAME already running (pid $pid); refusing to start another"
+    fi
+    check_runnable
+    launch
+    pid=$LAUNCHED
+    write_pid "$pid"
 
     deadline=$(($(now_ms) + START_TIMEOUT * 1000))
     while :; do
         if ! alive "$pid"; then
-            rc=0
-            wait "$pid" || rc=$?
             rm -f "$PID_FILE"
-            {
-                echo "$SCRIPT: $NAME failed to start: exit code $rc (config $CONFIG)"
-                echo "--- $OUT_FILE"
-                tail -c +"$((out_size + 1))" "$OUT_FILE" | tail -n 20
-                # The -L log too, when this run wrote to it (errors after logging started).
-                [ "$(current_log)" = "$log" ] || log_size=0
-                log=$(current_log)
-                if [ "$(stat -c %s "$log" 2>/dev/null || echo 0)" -gt "$log_size" ]; then
-                    echo "--- $log"
-                    tail -c +"$((log_size + 1))" "$log" | tail -n 10
-                fi
-            } >&2
-            [ "$rc" -ne 0 ] || rc=1
-            exit "$rc"
+            report_failed_start "$pid"
         fi
         if is_ours "$pid" && is_listening "$pid"; then
             echo "$NAME started (pid $pid, config $CONFIG, log $(current_log))"
@@ -257,6 +289,100 @@ do_stop() {
     wait_gone "$pid" 5 || die 1 "$NAME (pid $pid) survived SIGKILL"
     rm -f "$PID_FILE"
     return 1
+}
+
+# proxy_address as the binary reads it: the last `proxy_address=` line, its value trimmed
+# ("" or '' is unset). A value with a `:` is TCP (CONTRACT section 4).
+proxy_address() {
+    awk -v q="'" '
+        /^[[:space:]]*proxy_address[[:space:]]*=/ {
+            v = substr($0, index($0, "=") + 1)
+            gsub(/^[[:space:]]+|[[:space:]]+$/, "", v)
+            if (v == "\"\"" || v == q q) v = ""
+            addr = v
+        }
+        END { print addr }
+    ' "$CONFIG"
+}
+
+# Device and inode of the file at a path (empty when there is none): a takeover has happened
+# once the path names another file than before.
+file_id() {
+    stat -c '%d:%i' "$1" 2>/dev/null || true
+}
+
+# Set while a process started by `restart` has not taken over yet: stopped if the script is
+# interrupted, so it never runs untracked beside the old one.
+PENDING_PID=""
+stop_pending() {
+    if [ -n "$PENDING_PID" ] && alive "$PENDING_PID"; then
+        kill -TERM "$PENDING_PID" 2>/dev/null || true
+    fi
+}
+
+# restart without a gap: the new process takes the socket over before the old one stops.
+do_handover() {
+    local old=$1 address=$2 before new deadline
+    check_runnable
+    before=$(file_id "$address")
+    trap stop_pending EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    launch --takeover
+    new=$LAUNCHED
+    PENDING_PID=$new
+    deadline=$(($(now_ms) + START_TIMEOUT * 1000))
+    # Taken over: the path names another socket than before, and the new process listens.
+    while ! { is_ours "$new" && [ "$(file_id "$address")" != "$before" ] && is_listening "$new"; }; do
+        if ! alive "$new"; then
+            PENDING_PID=""
+            if [ "$(file_id "$address")" = "$before" ]; then
+                echo "$SCRIPT: $NAME (pid $old) keeps running" >&2
+            else
+                echo "$SCRIPT: $NAME (pid $new) died after taking $address over: pid $old serves its connections but gets no new ones; fix the cause, then stop and start" >&2
+            fi
+            report_failed_start "$new"
+        fi
+        if [ "$(now_ms)" -ge "$deadline" ]; then
+            # Taken over just now (the socket listens before it is renamed into place): keep it.
+            if is_ours "$new" && [ "$(file_id "$address")" != "$before" ]; then break; fi
+            kill -TERM "$new" 2>/dev/null || true
+            wait_gone "$new" "$STOP_TIMEOUT" || kill -KILL "$new" 2>/dev/null || true
+            PENDING_PID=""
+            die 1 "$NAME (pid $new) did not take $address over within ${START_TIMEOUT}s and was stopped; pid $old keeps running; see $OUT_FILE and $(current_log)"
+        fi
+        sleep 0.1
+    done
+    # From here the new process is the one: the pid file names it before the old one stops.
+    write_pid "$new"
+    PENDING_PID=""
+    echo "$NAME (pid $new) took $address over; stopping pid $old (SIGTERM; waiting up to ${STOP_TIMEOUT}s)"
+    kill -TERM "$old" 2>/dev/null || true
+    if ! wait_gone "$old" "$STOP_TIMEOUT"; then
+        echo "$SCRIPT: $NAME (pid $old) still running ${STOP_TIMEOUT}s after SIGTERM; sending SIGKILL" >&2
+        kill -KILL "$old" 2>/dev/null || true
+        wait_gone "$old" 5 || die 1 "$NAME (pid $old) survived SIGKILL"
+    fi
+    echo "$NAME restarted (pid $new, config $CONFIG, log $(current_log))"
+}
+
+do_restart() {
+    local old address
+    if ! old=$(running_pid); then
+        do_start
+        return
+    fi
+    check_runnable
+    address=$(proxy_address)
+    case $address in
+        *:*)
+            echo "$SCRIPT: proxy_address $address is TCP, which cannot be handed over: stopping, then starting" >&2
+            do_stop || echo "$SCRIPT: starting again anyway" >&2
+            do_start
+            ;;
+        "") die 78 "no proxy_address in $CONFIG" ;;
+        *) do_handover "$old" "$address" ;;
+    esac
 }
 
 do_status() {
@@ -301,8 +427,5 @@ take_lock
 case $ACTION in
     start) do_start ;;
     stop) do_stop ;;
-    restart)
-        do_stop || echo "$SCRIPT: starting again anyway" >&2
-        do_start
-        ;;
+    restart) do_restart ;;
 esac

@@ -21,7 +21,7 @@
 #   PREFIX/config.ini.example                        (copy to PREFIX/config.ini)
 #   PREFIX/lb/                                       (<instance>.ini for rpc_lb@<instance>)
 #   PREFIX/log/
-#   UNIT_DIR/rpc_proxy.service, UNIT_DIR/rpc_lb@.service
+#   UNIT_DIR/rpc_proxy.socket, UNIT_DIR/rpc_proxy.service, UNIT_DIR/rpc_lb@.service
 # Scripts and units say /usr/local/rpc_proxy; they are rewritten to PREFIX when it differs.
 set -euo pipefail
 
@@ -65,7 +65,9 @@ install_rewritten() {
     tmp=$(mktemp)
     sed -e "s|$DEFAULT_PREFIX|$PREFIX_SED|g" \
         -e "s|^User=rpc\$|User=$USER_SED|" \
-        -e "s|^Group=rpc\$|Group=$USER_SED|" "$src" >"$tmp"
+        -e "s|^Group=rpc\$|Group=$USER_SED|" \
+        -e "s|^SocketUser=rpc\$|SocketUser=$USER_SED|" \
+        -e "s|^SocketGroup=rpc\$|SocketGroup=$USER_SED|" "$src" >"$tmp"
     install -D -m "$mode" "$tmp" "$dest"
     rm -f "$tmp"
 }
@@ -77,6 +79,7 @@ install -m 0755 "$BUILD_DIR/rpc_proxy" "$BUILD_DIR/rpc_lb" "$root/bin/"
 install_rewritten 0755 "$REPO/scripts/control_proxy.sh" "$root/control_proxy.sh"
 install_rewritten 0755 "$REPO/scripts/control_lb.sh" "$root/control_lb.sh"
 install -m 0644 "$REPO/config.ini.example" "$root/config.ini.example"
+install_rewritten 0644 "$REPO/systemd/rpc_proxy.socket" "$DESTDIR$UNIT_DIR/rpc_proxy.socket"
 install_rewritten 0644 "$REPO/systemd/rpc_proxy.service" "$DESTDIR$UNIT_DIR/rpc_proxy.service"
 install_rewritten 0644 "$REPO/systemd/rpc_lb@.service" "$DESTDIR$UNIT_DIR/rpc_lb@.service"
 
@@ -95,7 +98,8 @@ fi
 cat <<EOF
 install.sh: done. Next:
   cp $PREFIX/config.ini.example $PREFIX/config.ini    # then edit zk=, proxy_address=
-  systemctl daemon-reload && systemctl enable --now rpc_proxy
+  # (another proxy_address: the same path in ListenStream= of rpc_proxy.socket)
+  systemctl daemon-reload && systemctl enable --now rpc_proxy.socket rpc_proxy
   # one LB per service instance: $PREFIX/lb/<name>.ini, then
   systemctl enable --now rpc_lb@<name>
 Clients and workers using the unix sockets must be in group $RPC_USER.

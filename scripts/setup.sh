@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build, the demo and the tests need on a fresh Debian machine:
-# Debian's zookeeper (jars only: it starts no daemon; never zookeeperd) and thrift-compiler,
-# and the Python test dependencies; with `--bench`, also haproxy (a benchmark baseline).
+# Debian's zookeeper (jars only: it starts no daemon; never zookeeperd), thrift-compiler,
+# chromium (headless, for the status page test) and the Python test dependencies; with
+# `--bench`, also haproxy (a benchmark baseline).
 # Safe to run again; skips what is present.
 set -euo pipefail
 
@@ -16,6 +17,8 @@ command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v flock >/dev/null 2>&1 || need_apt+=(util-linux)
+# Headless Chromium loads the admin status page in tests/e2e/test_status_page.py.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: apt-get install ${need_apt[*]}"
     $SUDO apt-get update -qq

@@ -1,13 +1,15 @@
-//! The LB's admin routes (`lb_admin_address`, else `admin_address`): `GET /healthz`,
-//! `GET /metrics`, `GET /status`, the maintenance switch `POST /drain` / `POST /resume`, and
-//! `POST /workers/restart` (a rolling restart of the workers the LB started). Every `POST`
-//! is refused when it carries an `Origin` header or a `Host` that is not the admin address
-//! ([`rpc_admin`]).
+//! The LB's admin routes (`lb_admin_address`, else `admin_address`): the status page `GET /`
+//! ([`page`]), `GET /healthz`, `GET /metrics`, `GET /status`, the maintenance switch
+//! `POST /drain` / `POST /resume`, and `POST /workers/restart` (a rolling restart of the
+//! workers the LB started). Every `POST` is refused when it carries an `Origin` header or a
+//! `Host` that is not the admin address ([`rpc_admin`]).
 //!
 //! `POST /drain` deletes the ZooKeeper node as SIGTERM does, but the LB stays up: it keeps
 //! serving what proxies still send and does not register again when workers come and go,
 //! until `POST /resume`. The main loop in `lib.rs` owns the registration; these routes only
 //! flip the maintenance flag it watches, then wait (bounded) to see the node follow.
+
+pub mod page;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -297,10 +299,15 @@ pub fn routes(state: Arc<LbState>) -> Routes {
     let health = state.clone();
     let metrics = state.clone();
     let status = state.clone();
+    let front_page = state.clone();
     let drain = state.clone();
     let resume = state.clone();
     let restart = state;
     Routes::new()
+        .get("/", move |_| {
+            let body = page::body(&front_page.status());
+            rpc_admin::page::html_page("rpc_lb status", &body, page::SCRIPT)
+        })
         .get("/healthz", move |_| {
             let now = health.health();
             let code = if now == Health::Serving { 200 } else { 503 };
@@ -433,6 +440,23 @@ mod tests {
         let (code, body) = call(&routes, "POST", "/workers/restart").await;
         assert_eq!(code, 409, "{body}");
         assert!(body.contains("no worker_command"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn page_shows_the_workers() {
+        let (state, registered, _m) = state();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        state.dispatcher.add_worker(tx, 2, Some(4242));
+        registered.send_replace(true);
+        let routes = routes(state.clone());
+        let r = routes.dispatch(&Request::new("GET", "/")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.content_type, "text/html; charset=utf-8");
+        let html = String::from_utf8(r.body).unwrap();
+        assert!(html.contains(r#"<tr class="service" data-service="echo">"#));
+        assert!(html.contains(r#"<tr class="worker" data-state="ready" data-pid="4242">"#));
+        assert!(html.contains(r#"data-badge="registered""#));
+        assert!(html.contains(r#"poll(["status"], render);"#));
     }
 
     #[tokio::test]

@@ -1,6 +1,10 @@
-//! The proxy's admin routes (`admin_address`): `GET /healthz`, `GET /metrics` and
-//! `GET /status`. They read the routing table and the metrics; nothing here is on the call
-//! path.
+//! The proxy's admin routes (`admin_address`): `GET /healthz`, `GET /metrics`,
+//! `GET /status`, and the status page `GET /` with the last minute of each service behind it
+//! (`GET /status/history`, sampled by [`history`]; drawn by [`page`]). They read the routing
+//! table and the metrics; nothing here is on the call path.
+
+pub mod history;
+pub mod page;
 
 use std::sync::Arc;
 
@@ -8,8 +12,10 @@ use rpc_admin::{Response, Routes};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use self::history::History;
 use crate::metrics::{ServiceEndpoints, Snapshot};
-use crate::route::Router;
+use crate::route::{Router, Service};
+use crate::upstream::Endpoint;
 
 /// Whether the proxy takes calls, as `/healthz` tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,11 +56,23 @@ impl Health {
     }
 }
 
-/// The admin routes of a proxy whose stop starts with `shutdown`.
+/// The admin routes of a proxy whose stop starts with `shutdown`. Starts the sampler of the
+/// page's charts on the current tokio runtime (none outside one); it ends once the routes
+/// are dropped.
 pub fn routes(router: Arc<Router>, shutdown: CancellationToken) -> Routes {
+    let history = Arc::new(History::new());
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(history::run(Arc::downgrade(&history), router.clone()));
+    }
     let (health_router, health_stop) = (router.clone(), shutdown.clone());
     let metrics_router = router.clone();
+    let (status_router, status_stop) = (router.clone(), shutdown.clone());
+    let past = history.clone();
     Routes::new()
+        .get("/", move |_| {
+            let body = page::body(&status(&router, &shutdown), &history.to_json());
+            rpc_admin::page::html_page("rpc_proxy status", &body, page::SCRIPT)
+        })
         .get("/healthz", move |_| {
             Health::of(&health_router, &health_stop).response()
         })
@@ -63,7 +81,10 @@ pub fn routes(router: Arc<Router>, shutdown: CancellationToken) -> Routes {
             Response::prometheus(metrics_router.metrics().render(&now))
         })
         .get("/status", move |_| {
-            Response::json(200, &status(&router, &shutdown))
+            Response::json(200, &status(&status_router, &status_stop))
+        })
+        .get("/status/history", move |_| {
+            Response::json(200, &past.to_json())
         })
 }
 
@@ -76,11 +97,20 @@ pub fn snapshot(router: &Router) -> Snapshot {
             .iter()
             .map(|service| ServiceEndpoints {
                 name: service.name.clone(),
-                states: service.endpoints.iter().map(|e| e.state()).collect(),
+                states: shown_endpoints(service).map(|e| e.state()).collect(),
             })
             .collect(),
         synced: router.is_synced(),
     }
+}
+
+/// The endpoints status output shows for `service`: those offered to calls, then those still
+/// draining (gone from ZooKeeper, a connection still open).
+fn shown_endpoints(service: &Service) -> impl Iterator<Item = &Arc<Endpoint>> {
+    service
+        .endpoints
+        .iter()
+        .chain(service.draining.iter().filter(|e| e.is_connected()))
 }
 
 /// The `/status` document: health, ZooKeeper, and the routing table with each endpoint's
@@ -92,9 +122,7 @@ pub fn status(router: &Router, shutdown: &CancellationToken) -> serde_json::Valu
         .iter()
         .map(|service| {
             let totals = service.calls.totals();
-            let endpoints: Vec<_> = service
-                .endpoints
-                .iter()
+            let endpoints: Vec<_> = shown_endpoints(service)
                 .map(|e| {
                     json!({
                         "address": e.label(),
@@ -232,5 +260,68 @@ mod tests {
         });
         let (_, text) = get(&routes, "/metrics").await;
         assert!(!text.contains("rpc_proxy_upstream_endpoints{"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn page_shows_the_table_with_names_escaped() {
+        const HOSTILE: &str = r#"<script>alert(1)</script>"'&"#;
+        const ESCAPED: &str = "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;";
+        let router = router();
+        router.apply(endpoints(HOSTILE, "127.0.0.1:1"));
+        router.apply(endpoints("echo", "127.0.0.1:2"));
+        router.apply(DiscoveryEvent::Synced);
+        let routes = routes(router.clone(), CancellationToken::new());
+        router
+            .calls_for("echo")
+            .start("echo")
+            .finish(crate::metrics::Outcome::Ok);
+        let r = routes.dispatch(&Request::new("GET", "/")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.content_type, "text/html; charset=utf-8");
+        assert!(
+            r.headers
+                .iter()
+                .any(|(name, value)| name == "Content-Security-Policy"
+                    && value.starts_with("default-src 'none'")),
+            "{:?}",
+            r.headers
+        );
+        let html = String::from_utf8(r.body).unwrap();
+        assert_eq!(html.matches("<script").count(), 1, "only the page's own");
+        assert!(!html.contains("alert(1)</script>"), "{html}");
+        assert!(html.contains(&format!(r#"<tr class="service" data-service="{ESCAPED}">"#)));
+        assert!(html.contains(&format!(r#"<th scope="row">{ESCAPED}</th>"#)));
+        assert!(html.contains(r#"<tr class="service" data-service="echo">"#));
+        assert_eq!(
+            html.matches(r#"<tr class="endpoint" data-state="idle""#)
+                .count(),
+            2
+        );
+
+        // The history route has every routed service from the sampler's first reading on
+        // (taken as soon as it runs).
+        let names = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                let (code, body) = get(&routes, "/status/history").await;
+                assert_eq!(code, 200);
+                let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(doc["window"], history::WINDOW);
+                let names: Vec<String> = doc["services"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["name"].as_str().unwrap().to_owned())
+                    .collect();
+                if !names.is_empty() {
+                    return names;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the sampler reads the table");
+        assert_eq!(names, [HOSTILE, "echo"]);
+        // The page's script fetches these two routes, relative to the page.
+        assert!(html.contains(r#"poll(["status", "status/history"], render);"#));
     }
 }

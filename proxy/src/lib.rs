@@ -16,10 +16,13 @@
 //! - [`reload`]: SIGHUP re-reads the configuration and applies what can change live.
 //!
 //! # Shutdown order
-//! On the shutdown token: `/healthz` turns 503; stop accepting and remove the socket file;
-//! every connection stops reading new calls and finishes the ones in flight; wait for them at
-//! most `drain_grace`, then answer the calls still open with code 6; close the admin
-//! endpoint; stop discovery; return.
+//! On the shutdown token: `/healthz` turns 503; stop accepting; remove the socket file (unless
+//! it is no longer this process's, after a `--takeover`, or it was inherited from socket
+//! activation); accept the connections already queued on the socket (an inherited socket
+//! keeps them for the next process); every connection stops reading new calls (one accepted
+//! less than a second ago once it is a second old, so a client that connected has its call
+//! read) and finishes the ones in flight; wait for them at most `drain_grace`, then answer the
+//! calls still open with code 6; close the admin endpoint; stop discovery; return.
 
 pub mod admin;
 pub mod connection;
@@ -35,6 +38,7 @@ pub mod upstream;
 pub use rpc_runtime::listener;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rpc_admin::AdminListener;
@@ -88,16 +92,54 @@ pub fn connection_settings(
     }
 }
 
+/// The admin endpoint [`run`] serves.
+#[derive(Debug)]
+pub enum AdminEndpoint {
+    /// Bound already.
+    Bound(AdminListener),
+    /// Bound as soon as this address is free. After `--takeover` the process taken over from
+    /// holds it until its drain is over; the client socket cannot wait for that.
+    WhenFree(String),
+}
+
+/// How often a busy admin address is tried again.
+const ADMIN_RETRY: Duration = Duration::from_millis(200);
+
+impl AdminEndpoint {
+    /// The bound listener, or `None` when `stop` comes first or the bind fails otherwise than
+    /// "in use" (logged: the proxy serves on without its admin endpoint).
+    async fn listener(self, stop: &CancellationToken) -> Option<AdminListener> {
+        let address = match self {
+            AdminEndpoint::Bound(listener) => return Some(listener),
+            AdminEndpoint::WhenFree(address) => address,
+        };
+        loop {
+            match AdminListener::bind(&address).await {
+                Ok(listener) => return Some(listener),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "admin endpoint off");
+                    return None;
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tokio::time::sleep(ADMIN_RETRY) => {}
+            }
+        }
+    }
+}
+
 /// Longest wait for the admin endpoint to close at the end of the stop.
 const ADMIN_CLOSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs the proxy with ZooKeeper discovery until `shutdown` is cancelled and the drain is
-/// over. `admin` is the bound `admin_address` socket, if configured; `reload`, when given,
+/// over. `admin` is the `admin_address` endpoint, if configured; `reload`, when given,
 /// re-reads the configuration file on SIGHUP.
 pub async fn run(
     config: ProxyConfig,
     listener: Listener,
-    admin: Option<AdminListener>,
+    admin: Option<AdminEndpoint>,
     reload: Option<reload::Reload>,
     shutdown: CancellationToken,
 ) {
@@ -139,13 +181,14 @@ pub async fn run_with_discovery(
         },
         None => None,
     };
+    let admin = admin.map(AdminEndpoint::Bound);
     serve(config, listener, admin, events, None, shutdown).await;
 }
 
 async fn serve(
     config: ProxyConfig,
     listener: Listener,
-    admin: Option<AdminListener>,
+    admin: Option<AdminEndpoint>,
     mut events: mpsc::Receiver<DiscoveryEvent>,
     reload: Option<reload::Reload>,
     shutdown: CancellationToken,
@@ -171,7 +214,12 @@ async fn serve(
     let admin_stop = CancellationToken::new();
     let admin = admin.map(|admin| {
         let routes = Arc::new(admin::routes(router.clone(), shutdown.clone()));
-        tokio::spawn(rpc_admin::serve(admin, routes, admin_stop.clone()))
+        let stop = admin_stop.clone();
+        tokio::spawn(async move {
+            if let Some(admin) = admin.listener(&stop).await {
+                rpc_admin::serve(admin, routes, stop).await;
+            }
+        })
     });
     let status = config
         .common
@@ -193,7 +241,7 @@ async fn serve(
     );
     rpc_runtime::notify_ready();
     accept_loop(listener, &tracker, &limit, &router, &settings, &shutdown).await;
-    // The listener (and its socket file) is gone once accept_loop returns.
+    // The listener (and its socket file, if still ours) is gone once accept_loop returns.
     rpc_runtime::notify_stopping();
     tracker.close();
     tracing::info!(connections = tracker.len(), "draining client connections");
@@ -221,6 +269,12 @@ async fn serve(
     applier.abort();
 }
 
+/// A connection accepted less than this before the stop is still read until it is this old:
+/// its client may have connected without having written its first call yet (a Python client
+/// between `connect()` and its first write while other threads hold the GIL), and closing it
+/// unread would fail a call that did connect. Older connections stop reading at once.
+const FIRST_CALL_GRACE: Duration = Duration::from_secs(1);
+
 async fn accept_loop(
     listener: Listener,
     tracker: &TaskTracker,
@@ -230,36 +284,72 @@ async fn accept_loop(
     shutdown: &CancellationToken,
 ) {
     let mut warned_full = false;
-    loop {
-        let Some(stream) = listener.accept_until(shutdown, "client").await else {
-            return;
-        };
+    let mut spawn = |stream: Stream| {
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             if !warned_full {
                 tracing::warn!("max_connections reached, refusing new client connections");
                 warned_full = true;
             }
             drop(stream);
-            continue;
+            return;
         };
         warned_full = false;
         let router = router.clone();
         let settings = settings.load_full();
         let shutdown = shutdown.clone();
         let open = ConnectionGauge::open(router.metrics());
+        let accepted = tokio::time::Instant::now();
         tracker.spawn(async move {
             let _open = open;
-            match stream {
-                Stream::Unix(mut s) => {
-                    let (r, w) = s.split();
-                    connection::serve(r, w, router, settings, shutdown).await;
+            let stop = CancellationToken::new();
+            let serve = async {
+                match stream {
+                    Stream::Unix(mut s) => {
+                        let (r, w) = s.split();
+                        connection::serve(r, w, router, settings, stop.clone()).await;
+                    }
+                    Stream::Tcp(mut s) => {
+                        let (r, w) = s.split();
+                        connection::serve(r, w, router, settings, stop.clone()).await;
+                    }
                 }
-                Stream::Tcp(mut s) => {
-                    let (r, w) = s.split();
-                    connection::serve(r, w, router, settings, shutdown).await;
-                }
+            };
+            tokio::select! {
+                biased;
+                () = serve => {}
+                () = stop_when_due(&shutdown, accepted, &stop) => {}
             }
             drop(permit);
         });
+    };
+    while let Some(stream) = listener.accept_until(shutdown, "client").await {
+        spawn(stream);
     }
+    // The socket file goes (while it is still this process's: after a takeover it is not),
+    // then what had queued on the socket is served like the rest, none of it refused. An
+    // inherited socket keeps its queue for the next process.
+    let queued = listener.close();
+    if !queued.is_empty() {
+        tracing::info!(
+            connections = queued.len(),
+            "serving the connections queued at the stop"
+        );
+    }
+    for stream in queued {
+        spawn(stream);
+    }
+}
+
+/// Cancels a connection's `stop` once `shutdown` is cancelled and the connection, accepted
+/// at `accepted`, is [`FIRST_CALL_GRACE`] old; then waits forever (the connection's end ends
+/// its task).
+async fn stop_when_due(
+    shutdown: &CancellationToken,
+    accepted: tokio::time::Instant,
+    stop: &CancellationToken,
+) {
+    shutdown.cancelled().await;
+    tokio::time::sleep_until(accepted + FIRST_CALL_GRACE).await;
+    stop.cancel();
+    std::future::pending::<()>().await;
 }

@@ -22,7 +22,7 @@ pub const PREFIX: &str = "rpc_proxy";
 pub const UNKNOWN: &str = "unknown";
 
 /// The endpoint states counted by `rpc_proxy_upstream_endpoints`.
-pub const ENDPOINT_STATES: [&str; 4] = ["connected", "idle", "backoff", "ejected"];
+pub const ENDPOINT_STATES: [&str; 5] = ["connected", "idle", "backoff", "ejected", "draining"];
 
 /// Per-service call handles of the proxy.
 pub type ServiceCalls = rpc_metrics::ServiceCalls<Outcome>;
@@ -207,7 +207,7 @@ impl Metrics {
             endpoints: m::gauge_vec(
                 &registry,
                 "rpc_proxy_upstream_endpoints",
-                "Endpoints routed to, by service and state (connected, idle: no connection open, backoff: reconnect backoff, ejected: outlier ejection).",
+                "Endpoints routed to, by service and state (connected, idle: no connection open, backoff: reconnect backoff, ejected: outlier ejection, draining: gone from ZooKeeper, connections finishing their calls).",
                 &["service", "state"],
             ),
             services: m::gauge(

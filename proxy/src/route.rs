@@ -26,6 +26,9 @@ pub struct Service {
     pub name: String,
     /// Endpoints offered to new calls.
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Endpoints gone from ZooKeeper that still had a connection open at the last change:
+    /// offered to no call, shown as `draining` until their connections close.
+    pub draining: Vec<Arc<Endpoint>>,
     /// The service's call metrics (the same handles across table changes).
     pub calls: &'static ServiceCalls,
     /// Its retry budget and ejection count (the same across table changes).
@@ -274,9 +277,9 @@ impl Router {
     pub fn apply(&self, event: DiscoveryEvent) {
         match event {
             DiscoveryEvent::Endpoints { service, endpoints } => {
-                let old = match self.lookup(&service) {
-                    Lookup::Found(s) => s.endpoints.clone(),
-                    Lookup::Unknown => Vec::new(),
+                let (old, was_draining) = match self.lookup(&service) {
+                    Lookup::Found(s) => (s.endpoints.clone(), s.draining.clone()),
+                    Lookup::Unknown => (Vec::new(), Vec::new()),
                 };
                 let health = self.health(&service);
                 let mut fresh = Vec::with_capacity(endpoints.len());
@@ -318,11 +321,21 @@ impl Router {
                     );
                     gone.drain();
                 }
+                let draining = was_draining
+                    .iter()
+                    .chain(
+                        old.iter()
+                            .filter(|o| !fresh.iter().any(|f| Arc::ptr_eq(f, o))),
+                    )
+                    .filter(|e| e.is_connected())
+                    .cloned()
+                    .collect();
                 health.set_endpoints(fresh.len());
                 let entry = Arc::new(Service {
                     calls: self.metrics.calls.service(&service),
                     name: service.clone(),
                     endpoints: fresh,
+                    draining,
                     health,
                 });
                 let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
@@ -409,6 +422,11 @@ mod tests {
             "unchanged endpoint reused"
         );
         assert!(first.endpoints[0].is_draining(), "removed endpoint drains");
+        assert_eq!(first.endpoints[0].state(), "draining");
+        assert!(
+            second.draining.is_empty(),
+            "never connected: nothing to finish, not shown"
+        );
         assert!(!second.endpoints[0].is_draining());
     }
 

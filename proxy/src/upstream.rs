@@ -312,12 +312,14 @@ impl Endpoint {
         self.health.release(&self.outlier);
     }
 
-    /// What the endpoint is doing, for status output: `ejected` (outlier ejection: new calls
-    /// go elsewhere but for its probe), `backoff` (reconnect backoff: new calls go elsewhere),
-    /// `connected` (a connection is open or being opened), or `idle` (none open; the next call
-    /// opens one).
+    /// What the endpoint is doing, for status output: `draining` (gone from ZooKeeper, its
+    /// connections finishing their calls), `ejected` (outlier ejection: new calls go elsewhere
+    /// but for its probe), `backoff` (reconnect backoff: new calls go elsewhere), `connected`
+    /// (a connection is open or being opened), or `idle` (none open; the next call opens one).
     pub fn state(&self) -> &'static str {
-        if self.outlier.is_ejected() {
+        if self.is_draining() {
+            "draining"
+        } else if self.outlier.is_ejected() {
             "ejected"
         } else if self.in_backoff() {
             "backoff"

@@ -1,12 +1,13 @@
 """Helpers of the operations suite: where the binaries are, /proc checks that see through
-zombies, bounded waits, and `Control`, which runs scripts/control_proxy.sh or
-scripts/control_lb.sh against one temp dir.
+zombies, bounded waits, `Control`, which runs scripts/control_proxy.sh or
+scripts/control_lb.sh against one temp dir, and `ping`, a heartbeat through the proxy's socket.
 """
 
 import os
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -189,6 +190,40 @@ class Control:
         for pid in self.pids:
             if self.is_ours(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def ping(path, seqid=1, sock=None, timeout=10):
+    """Sends rpc_proxy a heartbeat ("ping", type 20) on a new connection to the unix socket
+    `path` (or on `sock`) and returns the reply's seqid. The proxy answers it itself, with or
+    without ZooKeeper."""
+    own = sock is None
+    if own:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+    try:
+        name = b"ping"
+        message = struct.pack(">Ii", 0x80010000 | 20, len(name)) + name
+        message += struct.pack(">i", seqid) + b"\x00"
+        sock.sendall(struct.pack(">i", len(message)) + message)
+        size = struct.unpack(">i", recv_exact(sock, 4))[0]
+        reply = recv_exact(sock, size)
+        (head, name_len) = struct.unpack(">Ii", reply[:8])
+        assert head == 0x80010000 | 2, f"not a REPLY: {reply!r}"
+        return struct.unpack(">i", reply[8 + name_len : 12 + name_len])[0]
+    finally:
+        if own:
+            sock.close()
+
+
+def recv_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
 
 
 def show(result):

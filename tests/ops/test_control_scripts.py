@@ -4,11 +4,12 @@ per script (the `control` fixture), against the real binary."""
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from opskit import alive, cmdline_of, exe_of, read_until, show, wait_until
+from opskit import alive, cmdline_of, exe_of, free_port, ping, read_until, show, wait_until
 
 
 def start_ok(control, config=None):
@@ -310,6 +311,104 @@ def test_lb_default_config_is_dot_config_ini(lb_control):
     assert args[args.index("-c") + 1] == str(product / "config.ini")
     assert args[args.index("--work-dir") + 1] == str(product)
     assert lb_control.run("stop", cwd=product).returncode == 0
+
+
+# --- rpc_proxy restart: a handover (issue 15) ---------------------------------------------
+
+
+def inode(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def test_proxy_restart_hands_the_socket_over(proxy_control):
+    """restart starts the new process with --takeover, which renames its socket over the
+    path; the old one serves the connection it holds, leaves the new file alone and exits."""
+    sock = proxy_control.dir / "proxy.sock"
+    old = start_ok(proxy_control)
+    before = inode(sock)
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held.settimeout(10)
+    held.connect(str(sock))
+    try:
+        assert ping(sock, 1, sock=held) == 1
+        result = proxy_control.run("restart", str(proxy_control.config))
+        assert result.returncode == 0, show(result)
+        new = proxy_control.pid()
+        assert new != old and proxy_control.is_ours(new)
+        assert "--takeover" in cmdline_of(new)
+        assert not alive(old), "restart returned before the old process exited"
+        assert f"took {sock} over" in result.stdout, show(result)
+        assert inode(sock) != before, "the path names the new process's socket"
+        # The old process answered on its connection until it stopped, then closed it.
+        assert held.recv(1) == b""
+    finally:
+        held.close()
+    assert ping(sock, 2) == 2, "the new process serves the path"
+    assert proxy_control.run("status").stdout.strip() == "running"
+    logs = "".join(p.read_text() for p in proxy_control.log_dir.glob("rpc_proxy.log.*"))
+    assert 'socket="taken over"' in logs
+    # An ordinary stop removes the stopping process's own socket file.
+    assert proxy_control.run("stop").returncode == 0
+    assert not sock.exists()
+
+
+def test_proxy_restart_keeps_the_old_one_when_the_new_one_fails(proxy_control):
+    sock = proxy_control.dir / "proxy.sock"
+    old = start_ok(proxy_control)
+    before = inode(sock)
+    with proxy_control.config.open("a") as config:
+        config.write("max_connections=many\n")
+    result = proxy_control.run("restart", str(proxy_control.config))
+    assert result.returncode == 78, show(result)
+    assert "max_connections" in result.stderr and f"pid {old}" in result.stderr, show(result)
+    assert proxy_control.pid() == old and proxy_control.is_ours(old)
+    assert inode(sock) == before and ping(sock) == 1, "the old process still serves"
+    assert proxy_control.run("stop").returncode == 0
+
+
+def test_proxy_restart_hands_the_admin_endpoint_over(proxy_control):
+    """The admin port is the old process's until it exits: the new one binds it then."""
+    port = free_port()
+    with proxy_control.config.open("a") as config:
+        config.write(f"admin_address=127.0.0.1:{port}\n")
+    start_ok(proxy_control)
+    result = proxy_control.run("restart", str(proxy_control.config))
+    assert result.returncode == 0, show(result)
+    new = proxy_control.pid()
+
+    def admin_pid():
+        # The pid whose socket listens on the admin port, by its inode in /proc/net/tcp.
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+                inode = fields[9]
+                for fd in Path(f"/proc/{new}/fd").iterdir():
+                    try:
+                        if os.readlink(fd) == f"socket:[{inode}]":
+                            return new
+                    except OSError:
+                        pass
+        return None
+
+    wait_until(lambda: admin_pid() == new, 10, "the new process serving the admin endpoint")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert conn.recv(64).startswith(b"HTTP/1."), "the admin endpoint answers"
+    assert proxy_control.run("stop").returncode == 0
+
+
+def test_proxy_restart_of_a_tcp_address_stops_then_starts(proxy_control):
+    port = free_port()
+    proxy_control.config.write_text(f"zk=127.0.0.1:{free_port()}\nproxy_address=127.0.0.1:{port}\n")
+    old = start_ok(proxy_control)
+    result = proxy_control.run("restart", str(proxy_control.config))
+    assert result.returncode == 0, show(result)
+    assert "TCP" in result.stderr, show(result)
+    new = proxy_control.pid()
+    assert new != old and not alive(old) and proxy_control.is_ours(new)
+    assert "--takeover" not in cmdline_of(new)
+    assert proxy_control.run("stop").returncode == 0
 
 
 def test_proxy_default_config_is_the_original_path(proxy_control):

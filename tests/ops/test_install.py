@@ -13,6 +13,7 @@ from opskit import REPO, SYSTEMD, alive, clean_env, exe_of, free_port, show
 
 INSTALL = REPO / "scripts" / "install.sh"
 DEFAULT_PREFIX = "/usr/local/rpc_proxy"
+UNIT_FILES = ("rpc_proxy.socket", "rpc_proxy.service", "rpc_lb@.service")
 
 
 def run_install(*args, **env):
@@ -39,7 +40,7 @@ def assert_layout(root, units, build_dir):
         assert mode(root / name) == 0o755, name
     assert mode(root / "config.ini.example") == 0o644
     assert filecmp.cmp(root / "config.ini.example", REPO / "config.ini.example", shallow=False)
-    for name in ("rpc_proxy.service", "rpc_lb@.service"):
+    for name in UNIT_FILES:
         assert mode(units / name) == 0o644, name
     assert (root / "lb").is_dir() and (root / "log").is_dir()
 
@@ -51,7 +52,7 @@ def test_install_into_destdir(short_dir, build_dir):
     root, units = dest / DEFAULT_PREFIX.lstrip("/"), dest / "etc/systemd/system"
     assert_layout(root, units, build_dir)
     # The default PREFIX is what the repo's files say: copied unchanged.
-    for name in ("rpc_proxy.service", "rpc_lb@.service"):
+    for name in UNIT_FILES:
         assert (units / name).read_text() == (SYSTEMD / name).read_text()
     for name in ("control_proxy.sh", "control_lb.sh"):
         assert (root / name).read_text() == (REPO / "scripts" / name).read_text()
@@ -78,7 +79,7 @@ def test_install_to_another_prefix_rewrites_paths(short_dir, build_dir):
     assert result.returncode == 0, show(result)
     root, units = dest / "opt/rpx", dest / "lib/systemd/system"
     assert_layout(root, units, build_dir)
-    for path in (units / "rpc_proxy.service", units / "rpc_lb@.service", root / "control_proxy.sh"):
+    for path in (*(units / name for name in UNIT_FILES), root / "control_proxy.sh"):
         text = path.read_text()
         assert DEFAULT_PREFIX not in text, path
         assert "/opt/rpx/" in text, path
@@ -86,6 +87,9 @@ def test_install_to_another_prefix_rewrites_paths(short_dir, build_dir):
     assert "ExecStart=/opt/rpx/bin/rpc_proxy -c /opt/rpx/config.ini" in proxy_unit
     assert "\nUser=svc\n" in proxy_unit and "\nGroup=svc\n" in proxy_unit
     assert "ReadWritePaths=/opt/rpx\n" in proxy_unit
+    socket_unit = (units / "rpc_proxy.socket").read_text()
+    assert "\nListenStream=/opt/rpx/proxy.sock\n" in socket_unit
+    assert "\nSocketUser=svc\n" in socket_unit and "\nSocketGroup=svc\n" in socket_unit
 
 
 def test_installed_control_script_uses_installed_layout(short_dir, build_dir):

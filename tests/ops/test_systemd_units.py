@@ -1,10 +1,14 @@
-"""systemd/rpc_proxy.service and systemd/rpc_lb@.service (CONTRACT section 8): they pass
-`systemd-analyze verify` (the repo's copies apart from binaries absent on a build box, the
-installed copies with no message at all), carry the settings the issue asks for, and their
-ExecStart lines, run by hand with $NOTIFY_SOCKET set as systemd would, start a binary that
-sends READY=1, then STOPPING=1 and exits 0 on SIGTERM. The LB unit runs its Python workers
-itself (`worker_command`, issue 14): its sandbox leaves them what Python needs, ExecReload
-sends SIGHUP, and its ExecStart starts the workers as its children and stops them with it."""
+"""systemd/rpc_proxy.service, systemd/rpc_proxy.socket and systemd/rpc_lb@.service (CONTRACT
+sections 8 and 9): they pass `systemd-analyze verify` (the repo's copies apart from binaries
+absent on a build box, the installed copies with no message at all), carry the settings the
+issues ask for, and their ExecStart lines, run by hand with $NOTIFY_SOCKET set as systemd
+would, start a binary that sends READY=1, then STOPPING=1 and exits 0 on SIGTERM. The LB unit
+runs its Python workers itself (`worker_command`, issue 14): its sandbox leaves them what
+Python needs, ExecReload sends SIGHUP, and its ExecStart starts the workers as its children
+and stops them with it. The proxy takes its socket from rpc_proxy.socket (issue 15): run by
+tests/ops/socket_holder.py, which passes a socket the way systemd does (PID 1 here is not
+systemd), the proxy serves that socket, never unlinks it, and a connection made while no
+proxy runs is served by the next one."""
 
 import os
 import re
@@ -13,13 +17,19 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from opskit import REPO, SYSTEMD, clean_env, free_port, show, wait_until
+from opskit import REPO, SYSTEMD, alive, clean_env, exe_of, free_port, ping, show, wait_until
 
-UNITS = {"rpc_proxy.service": "rpc_proxy.service", "rpc_lb@.service": "rpc_lb@echo.service"}
+UNITS = {
+    "rpc_proxy.socket": "rpc_proxy.socket",
+    "rpc_proxy.service": "rpc_proxy.service",
+    "rpc_lb@.service": "rpc_lb@echo.service",
+}
+SOCKET_HOLDER = Path(__file__).resolve().parent / "socket_holder.py"
 # The one kind of message a build box may give: the binaries are not installed there.
 ABSENT_BINARY = re.compile(
     r"^rpc_(proxy|lb@echo)\.service: Command /usr/local/rpc_proxy/bin/rpc_(proxy|lb) "
@@ -102,7 +112,12 @@ def test_repo_units_pass_verify(analyze, tmp_path):
 def test_installed_units_pass_verify_cleanly(analyze, short_dir, build_dir):
     _, units = install(short_dir, build_dir)
     shutil.copy(units / "rpc_lb@.service", units / "rpc_lb@echo.service")
-    result, lines = verify(analyze, units / "rpc_proxy.service", units / "rpc_lb@echo.service")
+    result, lines = verify(
+        analyze,
+        units / "rpc_proxy.socket",
+        units / "rpc_proxy.service",
+        units / "rpc_lb@echo.service",
+    )
     assert result.returncode == 0 and not lines, show(result)
 
 
@@ -133,6 +148,25 @@ def test_unit_settings(unit, stop_timeout):
     if unit.startswith("rpc_lb@"):
         assert argv[argv.index("-c") + 1] == "/usr/local/rpc_proxy/lb/%i.ini"
         assert "%i" in argv[argv.index("-L") + 1]
+
+
+def test_proxy_socket_unit():
+    """Socket activation (CONTRACT section 9): the socket unit listens where config.ini.example
+    puts proxy_address, with the mode and group of a socket the proxy binds itself, and the
+    service needs it (a restart queues connections in its backlog instead of refusing them)."""
+    sock = parse_unit(SYSTEMD / "rpc_proxy.socket")
+    svc = parse_unit(SYSTEMD / "rpc_proxy.service")
+    example = (REPO / "config.ini.example").read_text()
+    address = re.search(r"^proxy_address=(.+)$", example, re.M).group(1).strip()
+    assert one(sock, "Socket", "ListenStream") == address
+    assert one(sock, "Socket", "SocketMode") == "0660"
+    assert one(sock, "Socket", "SocketGroup") == one(svc, "Service", "Group")
+    assert one(sock, "Socket", "SocketUser") == one(svc, "Service", "User")
+    assert one(sock, "Socket", "Accept") == "no"
+    assert one(sock, "Install", "WantedBy") == "sockets.target"
+    assert "rpc_proxy.socket" in one(svc, "Unit", "Requires").split()
+    assert "rpc_proxy.socket" in one(svc, "Unit", "After").split()
+    assert one(svc, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
 
 
 def test_lb_unit_suits_python_workers():
@@ -301,3 +335,73 @@ def test_installed_lb_unit_starts_and_stops_its_workers(short_dir, build_dir):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_installed_proxy_unit_serves_the_socket_units_socket(short_dir, build_dir):
+    """ExecStart under socket activation, as systemd runs it for rpc_proxy.socket: the proxy
+    serves the socket it is given (READY=1, pings answered), leaves it in place when it stops,
+    and the next process serves a connection that waited in the backlog meanwhile."""
+    prefix, units = install(short_dir, build_dir)
+    listen = one(parse_unit(units / "rpc_proxy.socket"), "Socket", "ListenStream")
+    mode = one(parse_unit(units / "rpc_proxy.socket"), "Socket", "SocketMode")
+    assert listen == f"{prefix}/proxy.sock"
+    (prefix / "config.ini").write_text(f"zk=127.0.0.1:{free_port()}\nproxy_address={listen}\n")
+    argv = exec_start(units / "rpc_proxy.service", "")
+    notify = notify_socket(short_dir / "notify.sock")
+    holder = subprocess.Popen(
+        [sys.executable, str(SOCKET_HOLDER), "--path", listen, "--mode", mode, "--", *argv],
+        env=clean_env(NOTIFY_SOCKET=short_dir / "notify.sock"),
+        cwd=prefix,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+    )
+    pids = []
+
+    def command(verb):
+        holder.stdin.write(verb + "\n")
+        holder.stdin.flush()
+        line = holder.stdout.readline().split()
+        if line[:1] == ["started"]:
+            pids.append(int(line[1]))
+        return line
+
+    try:
+        assert holder.stdout.readline().split() == ["listening", listen]
+        bound = os.stat(listen).st_ino
+        assert oct(os.stat(listen).st_mode & 0o777) == oct(int(mode, 8))
+        assert command("start")[0] == "started"
+        assert "READY=1" in receive(notify, "READY=1", timeout=15)
+        assert ping(listen, 1) == 1
+        assert command("stop") == ["stopped", "0"]
+        assert "STOPPING=1" in receive(notify, "STOPPING=1", timeout=10)
+        assert os.stat(listen).st_ino == bound, "the proxy never unlinks a socket it was given"
+        # No proxy runs: the connect still succeeds (backlog), the next process answers.
+        waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        waiting.settimeout(15)
+        waiting.connect(listen)
+        with waiting:
+            assert command("start")[0] == "started"
+            assert ping(listen, 7, sock=waiting) == 7
+        assert "READY=1" in receive(notify, "READY=1", timeout=15)
+        assert command("stop") == ["stopped", "0"]
+        logs = "".join(p.read_text() for p in prefix.glob("log/rpc_proxy.log.*"))
+        assert logs.count('socket="inherited"') == 2, logs
+        assert "not proxy_address" not in logs, "ListenStream is proxy_address: no warning"
+    finally:
+        notify.close()
+        if holder.poll() is None:
+            holder.stdin.write("quit\n")
+            holder.stdin.close()
+            try:
+                holder.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+                holder.wait()
+        holder.stdout.close()
+        for pid in pids:
+            if alive(pid) and exe_of(pid) == str((prefix / "bin" / "rpc_proxy").resolve()):
+                os.kill(pid, signal.SIGKILL)
+    assert os.path.exists(listen), "the socket file is the holder's (systemd's) to remove"

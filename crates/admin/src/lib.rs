@@ -8,6 +8,8 @@
 //! - [`http`]: [`AdminListener`], [`serve`]: accept, read one bounded request, answer it,
 //!   close. Requests and answers are [`Request`] and [`Response`].
 //! - [`routes`]: [`Routes`], the `(method, path) -> handler` table, with 404 and 405.
+//! - [`page`]: what the status pages at `GET /` are made of: [`page::escape`], the page
+//!   skeleton under a strict `Content-Security-Policy`, badges, sparklines, the shared script.
 //!
 //! # Shutdown
 //! [`serve`] returns as soon as its token is cancelled, abandoning requests in progress:
@@ -15,6 +17,7 @@
 //! so `/healthz` keeps answering 503 while they drain.
 
 pub mod http;
+pub mod page;
 pub mod routes;
 
 pub use http::{AdminListener, Request, Response, serve};

@@ -649,6 +649,45 @@ impl<O: Outcome> ServiceCalls<O> {
         }
         totals
     }
+
+    /// Calls timed since start per duration bucket, summed over methods: one count per bound
+    /// of [`DURATION_BUCKETS`], then the calls past every bound (not cumulative). The
+    /// difference of two readings is the histogram of the calls between them, for
+    /// [`quantile`].
+    pub fn duration_buckets(&self) -> Vec<u64> {
+        let mut sums = vec![0; DURATION_BUCKETS.len() + 1];
+        for method in self.methods() {
+            for (sum, count) in sums.iter_mut().zip(method.read().buckets) {
+                *sum += count;
+            }
+        }
+        sums
+    }
+}
+
+/// The `q`-quantile (`0.0` to `1.0`), in seconds, of the durations counted in `buckets` (as
+/// [`ServiceCalls::duration_buckets`] reads them, or the difference of two readings),
+/// estimated as Prometheus' `histogram_quantile` does: linearly within the bucket it falls
+/// in, the first bucket starting at 0. Calls past the last bound count as that bound. `None`
+/// when `buckets` holds no call.
+pub fn quantile(buckets: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut below = 0u64;
+    for (i, &count) in buckets.iter().enumerate() {
+        if count > 0 && (below + count) as f64 >= rank {
+            let Some(&upper) = DURATION_BUCKETS.get(i) else {
+                break;
+            };
+            let lower = if i == 0 { 0.0 } else { DURATION_BUCKETS[i - 1] };
+            return Some(lower + (upper - lower) * (rank - below as f64) / count as f64);
+        }
+        below += count;
+    }
+    DURATION_BUCKETS.last().copied()
 }
 
 // === impl MethodCalls ===
@@ -884,6 +923,36 @@ mod tests {
             !out.contains(r#"method="echo",outcome="cancelled""#),
             "no series for outcomes that never happened"
         );
+    }
+
+    #[test]
+    fn duration_buckets_sum_methods_and_quantiles_interpolate() {
+        let registry = Registry::new();
+        let metrics = CallMetrics::<Test>::register(&registry, "t");
+        let echo = metrics.service("echo");
+        let started = Instant::now() - std::time::Duration::from_secs(60);
+        echo.start("echo").finish(Test::Ok);
+        echo.start_at("add", started).finish(Test::Failed);
+        let buckets = echo.duration_buckets();
+        assert_eq!(buckets.len(), DURATION_BUCKETS.len() + 1);
+        assert_eq!(buckets.iter().sum::<u64>(), 2, "both methods, `other` too");
+        assert_eq!(
+            buckets[DURATION_BUCKETS.len()],
+            1,
+            "60 s is past every bound"
+        );
+
+        assert_eq!(quantile(&[0; 16], 0.5), None);
+        // 10 calls in (0.5 ms, 1 ms], 10 in (1 ms, 2.5 ms].
+        let mut two = vec![0; 16];
+        two[1] = 10;
+        two[2] = 10;
+        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-9;
+        assert!(close(quantile(&two, 0.5), 0.001));
+        assert!(close(quantile(&two, 0.25), 0.00075));
+        assert!(close(quantile(&two, 1.0), 0.0025));
+        // Past the last bound: that bound.
+        assert_eq!(quantile(&buckets, 0.99), Some(30.0));
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!   default action until it reloads too).
 //! - [`init_logging`]: `tracing` to stderr or a daily-rotated file, text or JSON.
 //! - [`notify_ready`], [`notify_stopping`]: systemd `Type=notify`.
-//! - [`listener`]: listening sockets (unix or TCP) and connecting.
+//! - [`listener`]: listening sockets (unix or TCP; bound, taken over from a running process or
+//!   inherited by socket activation) and connecting.
 //! - [`startup`]: the shared flags, config loading and logging set-up of both `main`s.
 //! - [`normalize_args`]: accept `-log_level`, `-work_dir`, ... as the Go original spelled them.
 
