@@ -8,7 +8,7 @@
 #   make ops-test   control scripts, systemd units and install (tests/ops; needs the debug
 #                   binaries: cargo build --workspace --bins)
 #   make bench      benchmarks (bench/README.md): release build, every scenario, several
-#                   rounds; writes bench/results/latest.md and latest.json (about 15 min)
+#                   rounds; writes bench/results/latest.md and latest.json (about 20 min)
 #   make bench-smoke  one tiny round of every benchmark scenario (bench/smoke.sh)
 #   make fuzz       libFuzzer on the frame/header codec for FUZZ_SECONDS (default 60) from
 #                   the kept seed corpus fuzz/corpus/frame (nightly + cargo-fuzz, installed

@@ -41,7 +41,7 @@ const DONE: u8 = 2;
 const GENERATIONS: i64 = 1 << 20;
 
 /// Longest wait for all connections to be established.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What to send, where, and how hard.
 #[derive(Debug, Clone)]
@@ -97,6 +97,8 @@ pub struct Outcome {
     pub cpu: Vec<f64>,
     /// CPU seconds of this process (the client) in the window.
     pub client_cpu: f64,
+    /// CPU seconds the whole machine spent busy, and stolen by the hypervisor, in the window.
+    pub machine: procs::MachineCpu,
 }
 
 // === impl Outcome ===
@@ -127,7 +129,8 @@ struct ConnStats {
     broken: bool,
 }
 
-fn histogram() -> Histogram<u64> {
+/// An empty latency histogram (nanoseconds).
+pub fn histogram() -> Histogram<u64> {
     // 1 us .. 100 s at 2 significant digits: small enough for hundreds of connections.
     Histogram::new_with_bounds(1_000, 100_000_000_000, 2).expect("static histogram bounds")
 }
@@ -186,6 +189,7 @@ pub async fn run_until(
     tokio::time::sleep(window.warmup).await;
 
     let groups: Vec<u32> = watched.iter().map(|w| w.pgid).collect();
+    let machine_before = procs::machine_cpu();
     let cpu_before = procs::group_cpu(&groups);
     let client_before = procs::self_cpu();
     phase.store(MEASURE, Ordering::Relaxed);
@@ -198,6 +202,7 @@ pub async fn run_until(
     let seconds = started.elapsed().as_secs_f64();
     let cpu_after = procs::group_cpu(&groups);
     let client_cpu = procs::self_cpu() - client_before;
+    let machine = procs::machine_cpu().since(&machine_before);
     stop.cancel();
 
     let mut outcome = Outcome {
@@ -214,6 +219,7 @@ pub async fn run_until(
             .map(|(a, b)| (a - b).max(0.0))
             .collect(),
         client_cpu,
+        machine,
     };
     for task in tasks {
         let stats = match task.await {

@@ -8,8 +8,9 @@
 //! one tiny round and fails when a scenario produced no numbers (it asserts no timing).
 //!
 //! # Layout
-//! - [`scenarios`]: the six scenarios and the systems they keep running.
+//! - [`scenarios`]: the seven scenarios and the systems they keep running.
 //! - [`load`]: the closed-loop load generator (connections, pipelining, histograms, CPU).
+//! - [`blocking`]: the blocking load shape (a thread and a connection per call in flight).
 //! - [`systems`]: starting `rpc_proxy`, `rpc_lb`, haproxy, Python servers, helpers.
 //! - [`echo`], [`forwarder`]: the Rust echo backend and the minimal frame forwarder (also
 //!   run as hidden subcommands of this binary).
@@ -18,6 +19,7 @@
 //! - [`wire`]: the hand-encoded `echo(1: string s)` call.
 //! - [`report`]: medians and ranges, Markdown and JSON.
 
+mod blocking;
 mod echo;
 mod forwarder;
 mod load;
@@ -36,6 +38,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::report::{Check, Fmt, Results, col};
+use crate::scenarios::names::{PROXY, PROXY_PREV};
 use crate::scenarios::{Bench, Settings};
 use crate::systems::Bins;
 
@@ -56,13 +59,14 @@ struct RunArgs {
     /// One tiny round; fail unless every scenario produced numbers (no timing asserted).
     #[arg(long)]
     smoke: bool,
-    /// Rounds of every scenario (default 5; 1 with --smoke).
+    /// Rounds of every scenario (default 5, scenario 7: 7; 1 with --smoke).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Warm-up before each window, ms (default 1000; 150 with --smoke).
+    /// Warm-up before each window, ms (default 1000, scenario 7: 300; with --smoke 150
+    /// and 100).
     #[arg(long)]
     warmup_ms: Option<u64>,
-    /// Measuring window, ms (default 2000; 300 with --smoke).
+    /// Measuring window, ms (default 2000; with --smoke 300, scenario 7: 200).
     #[arg(long)]
     window_ms: Option<u64>,
     /// Idle client connections of scenario 5 (default 10000; 300 with --smoke).
@@ -71,7 +75,7 @@ struct RunArgs {
     /// Services (x 4 endpoints) of scenario 6 (default 1000; 40 with --smoke).
     #[arg(long)]
     services: Option<usize>,
-    /// Scenarios to run, e.g. `1,3` (default: all).
+    /// Scenarios to run, e.g. `1,3` or `7` (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Where latest.md and latest.json go (default bench/results; with --smoke
@@ -81,6 +85,10 @@ struct RunArgs {
     /// Directory holding rpc_proxy and rpc_lb (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Directory holding a previous build's rpc_proxy, run beside the current one in the
+    /// same rounds of scenarios 1 and 7 (before/after).
+    #[arg(long)]
+    baseline_bin_dir: Option<PathBuf>,
     /// Do not run `cargo build` for rpc_proxy and rpc_lb first.
     #[arg(long)]
     no_build: bool,
@@ -94,6 +102,9 @@ enum Cmd {
         /// Socket to listen on (repeatable).
         #[arg(long, required = true)]
         unix: Vec<PathBuf>,
+        /// Runtime threads (default: one per CPU).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Run the minimal frame forwarder (used by the harness).
     #[command(hide = true)]
@@ -131,6 +142,10 @@ enum Cmd {
         /// Process (group) ids whose CPU per call to report.
         #[arg(long)]
         pid: Vec<u32>,
+        /// Blocking clients instead: one OS thread per connection, one call at a time
+        /// (scenario 7's shape; `--depth` is ignored).
+        #[arg(long)]
+        blocking: bool,
     },
     /// Start ZooKeeper, the echo backend, rpc_proxy, rpc_lb and workers, print their
     /// sockets and pids, and wait for Ctrl-C (for profiling with `load`).
@@ -138,13 +153,16 @@ enum Cmd {
         /// Directory holding rpc_proxy and rpc_lb (default: next to this binary).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// Directory holding a previous build's rpc_proxy, started beside the current one.
+        #[arg(long)]
+        baseline_bin_dir: Option<PathBuf>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Cmd::EchoServer { unix }) => serve_echo(unix),
+        Some(Cmd::EchoServer { unix, threads }) => serve_echo(unix, threads),
         Some(Cmd::Forwarder { listen, upstream }) => serve_forwarder(listen, upstream),
         Some(Cmd::Load {
             unix,
@@ -155,6 +173,7 @@ fn main() -> ExitCode {
             warmup_ms,
             window_ms,
             pid,
+            blocking,
         }) => {
             let load = load::Load {
                 socket: unix,
@@ -167,9 +186,16 @@ fn main() -> ExitCode {
                 warmup: Duration::from_millis(warmup_ms),
                 window: Duration::from_millis(window_ms),
             };
-            runtime().and_then(|rt| rt.block_on(run_load(load, window, pid)))
+            if blocking {
+                run_load_blocking(load, window, pid)
+            } else {
+                runtime().and_then(|rt| rt.block_on(run_load(load, window, pid)))
+            }
         }
-        Some(Cmd::Up { bin_dir }) => up(bin_dir),
+        Some(Cmd::Up {
+            bin_dir,
+            baseline_bin_dir,
+        }) => up(bin_dir, baseline_bin_dir),
         None => bench(cli.run),
     };
     match result {
@@ -182,14 +208,20 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start tokio runtime")
+    runtime_threads(None)
 }
 
-fn serve_echo(sockets: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
-    runtime()?.block_on(async {
+/// A multi-thread runtime with `threads` workers (default: one per CPU).
+fn runtime_threads(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n.max(1));
+    }
+    builder.enable_all().build().context("start tokio runtime")
+}
+
+fn serve_echo(sockets: Vec<PathBuf>, threads: Option<usize>) -> anyhow::Result<ExitCode> {
+    runtime_threads(threads)?.block_on(async {
         let stats = std::sync::Arc::new(echo::Stats::default());
         let mut tasks = Vec::new();
         for path in &sockets {
@@ -211,20 +243,46 @@ fn serve_forwarder(listen: PathBuf, upstream: PathBuf) -> anyhow::Result<ExitCod
     })
 }
 
+fn watched_pids(pids: &[u32]) -> Vec<load::Watched> {
+    pids.iter()
+        .map(|p| load::Watched {
+            label: p.to_string(),
+            pgid: *p,
+        })
+        .collect()
+}
+
 async fn run_load(
     load: load::Load,
     window: load::Window,
     pids: Vec<u32>,
 ) -> anyhow::Result<ExitCode> {
     procs::raise_nofile(200_000);
-    let watched: Vec<load::Watched> = pids
-        .iter()
-        .map(|p| load::Watched {
-            label: p.to_string(),
-            pgid: *p,
-        })
-        .collect();
+    let watched = watched_pids(&pids);
     let o = load::run(&load, window, &watched).await?;
+    print_outcome(&o, &watched);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_load_blocking(
+    load: load::Load,
+    window: load::Window,
+    pids: Vec<u32>,
+) -> anyhow::Result<ExitCode> {
+    procs::raise_nofile(200_000);
+    let watched = watched_pids(&pids);
+    let load = blocking::BlockingLoad {
+        socket: load.socket,
+        threads: load.connections,
+        name: load.name,
+        payload: load.payload,
+    };
+    let o = blocking::run(&load, window, &watched)?;
+    print_outcome(&o, &watched);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_outcome(o: &load::Outcome, watched: &[load::Watched]) {
     println!(
         "{:.0} calls/s  p50 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  errors {}  served {}/{}  client CPU {:.2} us/call",
         o.rate(),
@@ -244,10 +302,9 @@ async fn run_load(
             cpu
         );
     }
-    if let Some(e) = o.first_error {
+    if let Some(e) = &o.first_error {
         println!("first error: {e}");
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The repository root (this crate's parent directory).
@@ -259,7 +316,11 @@ fn repo_root() -> PathBuf {
 }
 
 /// Builds rpc_proxy and rpc_lb in this binary's profile, unless told not to.
-fn bins(bin_dir: Option<PathBuf>, build: bool) -> anyhow::Result<Bins> {
+fn bins(
+    bin_dir: Option<PathBuf>,
+    baseline_bin_dir: Option<PathBuf>,
+    build: bool,
+) -> anyhow::Result<Bins> {
     let repo = repo_root();
     let me = std::env::current_exe().context("locate rpc-bench")?;
     let release = !cfg!(debug_assertions);
@@ -290,6 +351,7 @@ fn bins(bin_dir: Option<PathBuf>, build: bool) -> anyhow::Result<Bins> {
     let bins = Bins {
         proxy: dir.join("rpc_proxy"),
         lb: dir.join("rpc_lb"),
+        baseline_proxy: baseline_bin_dir.map(|d| d.join("rpc_proxy")),
         me,
         python: std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned()),
         repo,
@@ -298,6 +360,11 @@ fn bins(bin_dir: Option<PathBuf>, build: bool) -> anyhow::Result<Bins> {
         if !bin.exists() {
             bail!("{} not found (build it, or pass --bin-dir)", bin.display());
         }
+    }
+    if let Some(prev) = &bins.baseline_proxy
+        && !prev.exists()
+    {
+        bail!("{} not found (--baseline-bin-dir)", prev.display());
     }
     Ok(bins)
 }
@@ -308,7 +375,7 @@ fn settings(args: &RunArgs) -> Settings {
         given.unwrap_or(if smoke { small } else { full })
     };
     let only = if args.only.is_empty() {
-        (1..=6).collect()
+        (1..=7).collect()
     } else {
         args.only.clone()
     };
@@ -317,6 +384,11 @@ fn settings(args: &RunArgs) -> Settings {
         window: load::Window {
             warmup: Duration::from_millis(pick(args.warmup_ms, 1000, 150)),
             window: Duration::from_millis(pick(args.window_ms, 2000, 300)),
+        },
+        blocking_rounds: args.rounds.unwrap_or(if smoke { 1 } else { 7 }),
+        blocking_window: load::Window {
+            warmup: Duration::from_millis(pick(args.warmup_ms, 300, 100)),
+            window: Duration::from_millis(pick(args.window_ms, 2000, 200)),
         },
         smoke,
         idle_connections: args
@@ -330,7 +402,14 @@ fn settings(args: &RunArgs) -> Settings {
 
 fn bench(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = settings(&args);
-    let bins = bins(args.bin_dir.clone(), !args.no_build)?;
+    if let Some(bad) = args.only.iter().find(|s| !(1..=7).contains(*s)) {
+        bail!("no scenario {bad} (scenarios are 1-7)");
+    }
+    let bins = bins(
+        args.bin_dir.clone(),
+        args.baseline_bin_dir.clone(),
+        !args.no_build,
+    )?;
     let nofile = procs::raise_nofile(200_000);
     if nofile < settings.idle_connections as u64 + settings.services as u64 * 4 + 1000 {
         eprintln!("rpc-bench: warning: open-file limit {nofile} is low for scenarios 5 and 6");
@@ -355,7 +434,7 @@ fn bench(args: RunArgs) -> anyhow::Result<ExitCode> {
             bench.stop();
             return Err(e);
         }
-        for round in 0..settings.rounds {
+        for round in 0..settings.total_rounds() {
             bench.round(round).await;
         }
         bench.stop();
@@ -366,6 +445,12 @@ fn bench(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut results = results;
     results.finish();
     results.checks = checks(&results);
+    // Only the targets of the scenarios run.
+    results.checks.retain(|c| {
+        c.scenario
+            .parse::<u8>()
+            .is_ok_and(|n| settings.only.contains(&n))
+    });
     fill_meta(
         &mut results,
         &settings,
@@ -385,6 +470,9 @@ fn bench(args: RunArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .filter(|p| !p.samples.is_empty())
             .count();
+        if settings.only.contains(&7) {
+            println!("{}", blocking_section(&results));
+        }
         println!(
             "rpc-bench: smoke: {points} points with numbers, {} missing",
             missing.len()
@@ -408,13 +496,18 @@ fn bench(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn up(bin_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let bins = bins(bin_dir, false)?;
+fn up(bin_dir: Option<PathBuf>, baseline_bin_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let bins = bins(bin_dir, baseline_bin_dir, false)?;
     procs::raise_nofile(200_000);
     let zk = rpc_testkit::ZkServer::start();
     let settings = Settings {
         rounds: 0,
         window: load::Window {
+            warmup: Duration::ZERO,
+            window: Duration::ZERO,
+        },
+        blocking_rounds: 0,
+        blocking_window: load::Window {
             warmup: Duration::ZERO,
             window: Duration::ZERO,
         },
@@ -491,6 +584,15 @@ fn fill_meta(
         "window_ms".into(),
         json!(settings.window.window.as_millis() as u64),
     );
+    m.insert("blocking_rounds".into(), json!(settings.blocking_rounds));
+    m.insert(
+        "blocking_warmup_ms".into(),
+        json!(settings.blocking_window.warmup.as_millis() as u64),
+    );
+    m.insert(
+        "blocking_window_ms".into(),
+        json!(settings.blocking_window.window.as_millis() as u64),
+    );
     m.insert("idle_connections".into(), json!(settings.idle_connections));
     m.insert("services".into(), json!(settings.services));
     m.insert(
@@ -521,6 +623,12 @@ fn fill_meta(
         }),
     );
     m.insert("rpc_proxy".into(), json!(bins.proxy.display().to_string()));
+    if let Some(prev) = &bins.baseline_proxy {
+        m.insert(
+            "rpc_proxy_previous".into(),
+            json!(prev.display().to_string()),
+        );
+    }
     m.insert(
         "git".into(),
         json!(cmd_out(
@@ -550,6 +658,10 @@ fn fill_meta(
         )),
     );
 }
+
+/// Scenario 7: the Go original proxy's calls/s as a fraction of direct, at 1, 4 and 64 in
+/// flight, as measured in issue 16 (the Go proxy is not available here: fixed references).
+const GO_BLOCKING_RATIOS: [(usize, f64); 3] = [(1, 0.85), (4, 0.64), (64, 0.62)];
 
 /// Checks the issue's targets against the medians.
 fn checks(r: &Results) -> Vec<Check> {
@@ -600,6 +712,52 @@ fn checks(r: &Results) -> Vec<Check> {
         added.map(|v| format!("{v:.1} us")),
         added.map(|v| v <= 12.0),
     );
+    // Scenario 7 (issue 16): blocking clients.
+    for (inflight, go) in GO_BLOCKING_RATIOS {
+        let case = inflight.to_string();
+        let ratio = med("7", &case, PROXY, "ratio");
+        check(
+            "7",
+            &format!(
+                "blocking, {inflight} in flight: rpc_proxy >= {go:.2}x direct (the Go original's ratio, a fixed reference from issue 16)"
+            ),
+            ratio.map(|v| format!("{v:.2}x")),
+            ratio.map(|v| v >= go),
+        );
+    }
+    let ratio = med("7", "64", PROXY, "ratio");
+    check(
+        "7",
+        "blocking, 64 in flight: rpc_proxy >= 0.80x direct",
+        ratio.map(|v| format!("{v:.2}x")),
+        ratio.map(|v| v >= 0.80),
+    );
+    let cpu = med("7", "64", PROXY, "hop_cpu_us");
+    check(
+        "7",
+        "blocking, 64 in flight: rpc_proxy CPU per call <= 9 us",
+        cpu.map(|v| format!("{v:.1} us")),
+        cpu.map(|v| v <= 9.0),
+    );
+    for inflight in scenarios::BLOCKING_INFLIGHT {
+        let case = inflight.to_string();
+        let vs = med("7", &case, PROXY, "p99_vs_previous");
+        let now = med("7", &case, PROXY, "p99_us");
+        let before = med("7", &case, PROXY_PREV, "p99_us");
+        check(
+            "7",
+            &format!(
+                "blocking, {inflight} in flight: rpc_proxy p99 not worse than the previous build's (median of per-round ratios <= 1.00)"
+            ),
+            match (vs, now, before) {
+                (Some(vs), Some(now), Some(before)) => {
+                    Some(format!("{now:.1} us vs {before:.1} us ({vs:.2}x)"))
+                }
+                _ => None,
+            },
+            vs.map(|v| v <= 1.0),
+        );
+    }
     let gbs = med("2", "4 MiB bodies, 2 conns", PROXY, "gb_per_s");
     check(
         "2",
@@ -697,7 +855,7 @@ fn markdown(r: &Results, settings: &Settings, missing: &[String]) -> String {
     );
     let _ = writeln!(
         md,
-        "Run {} on {} CPUs ({}), load average before: {}, after: {}; {} rounds, {} ms warm-up + {} ms window per point; {} build of `{}`; took {} s.\n",
+        "Run {} on {} CPUs ({}), load average before: {}, after: {}; {} rounds, {} ms warm-up + {} ms window per point (scenario 7: {} rounds, {} ms + {} ms); {} build of `{}`; took {} s.\n",
         meta("date"),
         meta("cpus"),
         meta("cpu_model"),
@@ -706,6 +864,9 @@ fn markdown(r: &Results, settings: &Settings, missing: &[String]) -> String {
         meta("rounds"),
         meta("warmup_ms"),
         meta("window_ms"),
+        meta("blocking_rounds"),
+        meta("blocking_warmup_ms"),
+        meta("blocking_window_ms"),
         meta("profile"),
         meta("git"),
         meta("elapsed_s"),
@@ -718,137 +879,156 @@ fn markdown(r: &Results, settings: &Settings, missing: &[String]) -> String {
          completed in it. The load generator is a closed loop over unix sockets; \"N in flight\" is N \
          connections with one call outstanding each. All sockets are unix sockets.\n\n",
     );
+    let shown = |n: u8| settings.only.contains(&n);
     md.push_str("## Targets\n\n");
     md.push_str(&report::checks_table(r));
     let us = |h, m| col(h, m, Fmt::Dec1);
-    md.push_str("\n## 1. Proxy hop (100 B string argument)\n\n");
-    md.push_str(&report::table(
-        r,
-        "1",
-        &[
-            col("calls/s", "calls_per_s", Fmt::Count),
-            col("x direct", "ratio", Fmt::Ratio),
-            us("p50 us", "p50_us"),
-            us("p99 us", "p99_us"),
-            col("hop CPU us/call", "hop_cpu_us", Fmt::Dec2),
-            col("echo CPU us/call", "echo_cpu_us", Fmt::Dec2),
-            col("client CPU us/call", "client_cpu_us", Fmt::Dec2),
-        ],
-    ));
-    md.push_str(
-        "\n`rpc_proxy` runs its default `worker_threads=1` (a current-thread runtime); \
-         `rpc_proxy, worker_threads=2` is the same binary with two runtime threads, for \
-         comparison. Reference: the Go original proxy, measured the same way, reached 0.38x \
-         direct at 14.4 us of CPU per call (64 in flight).\n",
-    );
-    md.push_str(
-        "\n### 1 in flight, client, echo backend and hop all pinned to one CPU (taskset; the idlest one at the time)\n\n",
-    );
-    md.push_str(&report::table(
-        r,
-        "1-pinned",
-        &[
-            us("p50 us", "p50_us"),
-            us("added p50 us", "added_p50_us"),
-            us("mean us", "mean_us"),
-            us("added mean us", "added_mean_us"),
-            col("calls/s", "calls_per_s", Fmt::Count),
-            col("hop CPU us/call", "hop_cpu_us", Fmt::Dec2),
-        ],
-    ));
-    md.push_str("\n## 2. Large bodies (echoed: each call carries the body both ways)\n\n");
-    md.push_str(&report::table(
-        r,
-        "2",
-        &[
-            col("MB/s (each way)", "mb_per_s", Fmt::Int),
-            col("x direct", "ratio", Fmt::Ratio),
-            col("calls/s", "calls_per_s", Fmt::Count),
-            us("p50 us", "p50_us"),
-            us("p99 us", "p99_us"),
-            col("hop CPU us/MB", "hop_cpu_us_per_mb", Fmt::Dec1),
-        ],
-    ));
-    md.push_str("\n## 3. Python tier (same trivial echo handler; clients send bare `echo`)\n\n");
-    md.push_str(&report::table(
-        r,
-        "3",
-        &[
-            col("calls/s", "calls_per_s", Fmt::Count),
-            col("x TProcessPool(2) best", "vs_pool_best", Fmt::Ratio),
-            us("p50 us", "p50_us"),
-            us("p99 us", "p99_us"),
-            col("clients served", "served", Fmt::Int),
-            col("clients", "clients", Fmt::Int),
-            col("server CPU us/call", "server_cpu_us", Fmt::Dec1),
-        ],
-    ));
-    md.push_str("\nA client with zero calls completed in the window was starved. Server CPU includes every process of the server (LB + workers; pool workers).\n");
-    md.push_str("\n## 4. Full path: client -> rpc_proxy -> rpc_lb -> 2 workers\n\n");
-    md.push_str(&report::table(
-        r,
-        "4",
-        &[
-            col("calls/s", "calls_per_s", Fmt::Count),
-            col("x client->LB", "ratio", Fmt::Ratio),
-            us("p50 us", "p50_us"),
-            us("p99 us", "p99_us"),
-            col("proxy CPU us/call", "proxy_cpu_us", Fmt::Dec2),
-            col("LB CPU us/call", "lb_cpu_us", Fmt::Dec2),
-            col("workers CPU us/call", "workers_cpu_us", Fmt::Dec1),
-        ],
-    ));
-    md.push_str("\n## 5. Memory with idle client connections (each made one call)\n\n");
-    md.push_str(&report::table(
-        r,
-        "5",
-        &[
-            col("connections", "connections", Fmt::Int),
-            col("RSS before MiB", "rss_before_mib", Fmt::Dec1),
-            col("RSS after MiB", "rss_after_mib", Fmt::Dec1),
-            col("peak RSS MiB", "hwm_mib", Fmt::Dec1),
-            col("KiB per connection", "per_conn_kib", Fmt::Dec1),
-        ],
-    ));
-    md.push_str("\nThe forwarder and haproxy also hold one upstream connection per client connection; rpc_proxy shares one.\n");
-    md.push_str("\n## 6. Discovery at scale\n\n");
-    md.push_str(&report::table(
-        r,
-        "6",
-        &[
-            col("services", "services", Fmt::Int),
-            col("endpoints", "endpoints", Fmt::Int),
-            us("start to accept ms", "accept_ms"),
-            us("start to full table ms", "table_ms"),
-            us("(log line) ms", "log_table_ms"),
-            us("baseline: fresh ZK client reads all ms", "zk_read_all_ms"),
-            col(
-                "deletion to stop ms (median)",
-                "deletion_ms_median",
-                Fmt::Dec2,
-            ),
-            col("(worst trial)", "deletion_ms_max", Fmt::Dec2),
-            col(
-                "baseline: ZK watch fired ms",
-                "zk_watch_ms_median",
-                Fmt::Dec2,
-            ),
-            col("re-add to first call ms", "readd_ms_median", Fmt::Dec2),
-            col(
-                "conns to uncalled endpoints",
-                "uncalled_connections",
-                Fmt::Int,
-            ),
-        ],
-    ));
-    md.push_str(
-        "\nFull table: time from spawning rpc_proxy until calls to a sample of services (the last ones listed, \
-         the first, and some in between) all succeed; its baseline is a fresh session of a plain ZooKeeper \
-         client reading every service and endpoint (pipelined, as the proxy's discovery does). Deletion to \
-         stop: time from issuing the ZooKeeper delete of one of a service's two endpoints, under load, to \
-         the last call arriving at that endpoint's backend; its baseline is the time until ZooKeeper's \
-         watch event reaches a plain client (the harness's own session).\n",
-    );
+    if shown(1) {
+        md.push_str("\n## 1. Proxy hop (100 B string argument)\n\n");
+        md.push_str(&report::table(
+            r,
+            "1",
+            &[
+                col("calls/s", "calls_per_s", Fmt::Count),
+                col("x direct", "ratio", Fmt::Ratio),
+                us("p50 us", "p50_us"),
+                us("p99 us", "p99_us"),
+                col("hop CPU us/call", "hop_cpu_us", Fmt::Dec2),
+                col("echo CPU us/call", "echo_cpu_us", Fmt::Dec2),
+                col("client CPU us/call", "client_cpu_us", Fmt::Dec2),
+            ],
+        ));
+        md.push_str(
+            "\n`rpc_proxy` runs its default `worker_threads=1` (a current-thread runtime); \
+             `rpc_proxy, worker_threads=2` is the same binary with two runtime threads, for \
+             comparison. Reference: the Go original proxy, measured the same way, reached 0.38x \
+             direct at 14.4 us of CPU per call (64 in flight).\n",
+        );
+        md.push_str(
+            "\n### 1 in flight, client, echo backend and hop all pinned to one CPU (taskset; the idlest one at the time)\n\n",
+        );
+        md.push_str(&report::table(
+            r,
+            "1-pinned",
+            &[
+                us("p50 us", "p50_us"),
+                us("added p50 us", "added_p50_us"),
+                us("mean us", "mean_us"),
+                us("added mean us", "added_mean_us"),
+                col("calls/s", "calls_per_s", Fmt::Count),
+                col("hop CPU us/call", "hop_cpu_us", Fmt::Dec2),
+            ],
+        ));
+    }
+    if shown(7) {
+        md.push('\n');
+        md.push_str(&blocking_section(r));
+    }
+    if shown(2) {
+        md.push_str("\n## 2. Large bodies (echoed: each call carries the body both ways)\n\n");
+        md.push_str(&report::table(
+            r,
+            "2",
+            &[
+                col("MB/s (each way)", "mb_per_s", Fmt::Int),
+                col("x direct", "ratio", Fmt::Ratio),
+                col("calls/s", "calls_per_s", Fmt::Count),
+                us("p50 us", "p50_us"),
+                us("p99 us", "p99_us"),
+                col("hop CPU us/MB", "hop_cpu_us_per_mb", Fmt::Dec1),
+            ],
+        ));
+    }
+    if shown(3) {
+        md.push_str(
+            "\n## 3. Python tier (same trivial echo handler; clients send bare `echo`)\n\n",
+        );
+        md.push_str(&report::table(
+            r,
+            "3",
+            &[
+                col("calls/s", "calls_per_s", Fmt::Count),
+                col("x TProcessPool(2) best", "vs_pool_best", Fmt::Ratio),
+                us("p50 us", "p50_us"),
+                us("p99 us", "p99_us"),
+                col("clients served", "served", Fmt::Int),
+                col("clients", "clients", Fmt::Int),
+                col("server CPU us/call", "server_cpu_us", Fmt::Dec1),
+            ],
+        ));
+        md.push_str("\nA client with zero calls completed in the window was starved. Server CPU includes every process of the server (LB + workers; pool workers).\n");
+    }
+    if shown(4) {
+        md.push_str("\n## 4. Full path: client -> rpc_proxy -> rpc_lb -> 2 workers\n\n");
+        md.push_str(&report::table(
+            r,
+            "4",
+            &[
+                col("calls/s", "calls_per_s", Fmt::Count),
+                col("x client->LB", "ratio", Fmt::Ratio),
+                us("p50 us", "p50_us"),
+                us("p99 us", "p99_us"),
+                col("proxy CPU us/call", "proxy_cpu_us", Fmt::Dec2),
+                col("LB CPU us/call", "lb_cpu_us", Fmt::Dec2),
+                col("workers CPU us/call", "workers_cpu_us", Fmt::Dec1),
+            ],
+        ));
+    }
+    if shown(5) {
+        md.push_str("\n## 5. Memory with idle client connections (each made one call)\n\n");
+        md.push_str(&report::table(
+            r,
+            "5",
+            &[
+                col("connections", "connections", Fmt::Int),
+                col("RSS before MiB", "rss_before_mib", Fmt::Dec1),
+                col("RSS after MiB", "rss_after_mib", Fmt::Dec1),
+                col("peak RSS MiB", "hwm_mib", Fmt::Dec1),
+                col("KiB per connection", "per_conn_kib", Fmt::Dec1),
+            ],
+        ));
+        md.push_str("\nThe forwarder and haproxy also hold one upstream connection per client connection; rpc_proxy shares one.\n");
+    }
+    if shown(6) {
+        md.push_str("\n## 6. Discovery at scale\n\n");
+        md.push_str(&report::table(
+            r,
+            "6",
+            &[
+                col("services", "services", Fmt::Int),
+                col("endpoints", "endpoints", Fmt::Int),
+                us("start to accept ms", "accept_ms"),
+                us("start to full table ms", "table_ms"),
+                us("(log line) ms", "log_table_ms"),
+                us("baseline: fresh ZK client reads all ms", "zk_read_all_ms"),
+                col(
+                    "deletion to stop ms (median)",
+                    "deletion_ms_median",
+                    Fmt::Dec2,
+                ),
+                col("(worst trial)", "deletion_ms_max", Fmt::Dec2),
+                col(
+                    "baseline: ZK watch fired ms",
+                    "zk_watch_ms_median",
+                    Fmt::Dec2,
+                ),
+                col("re-add to first call ms", "readd_ms_median", Fmt::Dec2),
+                col(
+                    "conns to uncalled endpoints",
+                    "uncalled_connections",
+                    Fmt::Int,
+                ),
+            ],
+        ));
+        md.push_str(
+            "\nFull table: time from spawning rpc_proxy until calls to a sample of services (the last ones listed, \
+             the first, and some in between) all succeed; its baseline is a fresh session of a plain ZooKeeper \
+             client reading every service and endpoint (pipelined, as the proxy's discovery does). Deletion to \
+             stop: time from issuing the ZooKeeper delete of one of a service's two endpoints, under load, to \
+             the last call arriving at that endpoint's backend; its baseline is the time until ZooKeeper's \
+             watch event reaches a plain client (the harness's own session).\n",
+        );
+    }
     if !r.skipped.is_empty() {
         md.push_str("\n## Skipped\n\n");
         for s in &r.skipped {
@@ -860,6 +1040,89 @@ fn markdown(r: &Results, settings: &Settings, missing: &[String]) -> String {
         for m in missing {
             let _ = writeln!(md, "- {m}");
         }
+    }
+    md
+}
+
+/// The report section of scenario 7 (also printed by a smoke run).
+fn blocking_section(r: &Results) -> String {
+    use std::fmt::Write as _;
+    let mut md =
+        String::from("## 7. Blocking clients (a connection per thread, one call at a time)\n\n");
+    md.push_str(&report::table_headed(
+        r,
+        "7",
+        ["in flight", "path"],
+        &[
+            col("calls/s", "calls_per_s", Fmt::Count),
+            col("x direct", "ratio", Fmt::Ratio),
+            col("p50 us", "p50_us", Fmt::Dec1),
+            col("p99 us", "p99_us", Fmt::Dec1),
+            col("proxy CPU us/call", "hop_cpu_us", Fmt::Dec2),
+            col("backend CPU us/call", "echo_cpu_us", Fmt::Dec2),
+            col("client CPU us/call", "client_cpu_us", Fmt::Dec2),
+        ],
+    ));
+    let frame = wire::echo_call(scenarios::PING, 0, scenarios::PING_PAYLOAD).len();
+    let _ = write!(
+        md,
+        "\nThe issue 16 load shape, next to scenario 1's async client: N OS threads (\"in flight\"), each a \
+         blocking client (`std::os::unix::net::UnixStream`) on its own connection, in a closed loop of one call at \
+         a time: a {frame}-byte frame, strict binary CALL `{}` (bare `{}` direct) whose args are field 1, a \
+         {}-byte string; the reply's type and seqid are checked. The backend is the echo server with 2 runtime \
+         threads, registered in ZooKeeper as service `echo`; it answers each CALL with a REPLY of the same name \
+         and seqid. Nothing is pinned. Latency is write to whole reply. \"proxy CPU\" is the hop's process \
+         (rpc_proxy, haproxy or the forwarder), \"client CPU\" this harness's process (the client threads). \
+         Reference (issue 16, same shape, Go original proxy, not run here): 0.83-0.85x direct at 1 in flight, \
+         0.64x at 4, 0.62x at 64 with 11.2 us of proxy CPU per call; haproxy 0.66-0.70x, 0.39x, 0.43x.\n",
+        scenarios::PING,
+        scenarios::PING_DIRECT,
+        scenarios::PING_PAYLOAD,
+    );
+    // How quiet the box was: what else ran during the windows of this scenario.
+    let noise = |metric: &str| {
+        let mut v: Vec<f64> = r
+            .points
+            .iter()
+            .filter(|p| p.scenario == "7")
+            .flat_map(|p| p.samples.iter().filter_map(|s| s.get(metric).copied()))
+            .filter(|v| v.is_finite())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| (v[v.len() / 2], v[v.len() - 1]))
+    };
+    if let (Some((other, other_max)), Some((steal, steal_max))) =
+        (noise("other_cpu_pct"), noise("steal_pct"))
+    {
+        let _ = writeln!(
+            md,
+            "\nNoise: besides the client, the hop and the backend, the machine was busy {other:.0}% of one CPU \
+             during a window (median over windows; worst {other_max:.0}%), and the hypervisor stole \
+             {steal:.0}% (worst {steal_max:.0}%)."
+        );
+    }
+    if let Some(prev) = r.meta.get("rpc_proxy_previous") {
+        let _ = write!(
+            md,
+            "\n`{PROXY_PREV}` is {} with the same config, run in the same rounds.",
+            prev.to_string().trim_matches('"'),
+        );
+        let mut cells = Vec::new();
+        for inflight in scenarios::BLOCKING_INFLIGHT {
+            let case = inflight.to_string();
+            let rate = r.summary("7", &case, PROXY, "vs_previous");
+            let p99 = r.summary("7", &case, PROXY, "p99_vs_previous");
+            cells.push(format!(
+                "{inflight} in flight: calls/s {}, p99 {}",
+                report::cell(rate, Fmt::Ratio),
+                report::cell(p99, Fmt::Ratio)
+            ));
+        }
+        let _ = writeln!(
+            md,
+            " rpc_proxy over the previous build (per-round ratios): {}.",
+            cells.join("; ")
+        );
     }
     md
 }

@@ -224,6 +224,46 @@ pub fn group_cpu(groups: &[u32]) -> Vec<f64> {
     ticks.iter().map(|t| *t as f64 / clock_ticks()).collect()
 }
 
+/// CPU seconds of the whole machine (all CPUs), from the `cpu` line of `/proc/stat`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineCpu {
+    /// Busy: user, nice, system, irq, softirq.
+    pub busy: f64,
+    /// Stolen by the hypervisor (the vCPUs wanted to run and did not).
+    pub steal: f64,
+}
+
+// === impl MachineCpu ===
+
+impl MachineCpu {
+    /// The difference from an earlier reading.
+    pub fn since(&self, before: &MachineCpu) -> MachineCpu {
+        MachineCpu {
+            busy: (self.busy - before.busy).max(0.0),
+            steal: (self.steal - before.steal).max(0.0),
+        }
+    }
+}
+
+/// CPU seconds the machine has spent so far (see [`MachineCpu`]).
+pub fn machine_cpu() -> MachineCpu {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return MachineCpu::default();
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0) as f64 / clock_ticks();
+    MachineCpu {
+        // user nice system idle iowait irq softirq steal
+        busy: at(0) + at(1) + at(2) + at(5) + at(6),
+        steal: at(7),
+    }
+}
+
 /// CPU seconds used so far by this process (all its threads).
 pub fn self_cpu() -> f64 {
     read_stat("self").map_or(0.0, |(_, _, t)| t as f64 / clock_ticks())

@@ -254,7 +254,17 @@ pub const fn col(header: &'static str, metric: &'static str, fmt: Fmt) -> Col {
 
 /// A Markdown table of every point of `scenario`: case, target, then `cols`.
 pub fn table(results: &Results, scenario: &str, cols: &[Col]) -> String {
-    let mut out = String::from("| case | target |");
+    table_headed(results, scenario, ["case", "target"], cols)
+}
+
+/// [`table`] with other headers for the case and target columns.
+pub fn table_headed(
+    results: &Results,
+    scenario: &str,
+    [case, target]: [&str; 2],
+    cols: &[Col],
+) -> String {
+    let mut out = format!("| {case} | {target} |");
     for c in cols {
         let _ = write!(out, " {} |", c.header);
     }

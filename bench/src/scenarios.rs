@@ -10,6 +10,10 @@
 //! 6. Discovery: services x 4 endpoints; time to a full routing table, time from an
 //!    endpoint node's deletion to the last call reaching it, and no connection to endpoints
 //!    of services nobody called.
+//! 7. Blocking clients (issue 16): N OS threads, each a blocking client with one call
+//!    outstanding on its own connection, at 1, 4 and 64 in flight, nothing pinned: direct,
+//!    minimal forwarder, haproxy, `rpc_proxy` (one and two runtime threads), and the previous
+//!    `rpc_proxy` build when one is given (`--baseline-bin-dir`). Reported next to scenario 1.
 //!
 //! "N in flight" is N client connections with one call outstanding each. Within a round the
 //! targets of a case run back to back, in an order rotated every round.
@@ -26,6 +30,7 @@ use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::blocking::{self, BlockingLoad};
 use crate::echo::{self, Stats, now_ns};
 use crate::load::{self, FrameReader, Load, Outcome, Watched, Window};
 use crate::procs::{self, Proc};
@@ -43,6 +48,16 @@ const ECHO: &str = "echo:echo";
 const PY_SERVICE: &str = "pyecho";
 /// Size of a small call's string argument.
 const SMALL: usize = 100;
+/// Scenario 7: the call through a proxy (`echo` service, `ping` method).
+pub const PING: &str = "echo:ping";
+/// Scenario 7: the same call direct to the backend.
+pub const PING_DIRECT: &str = "ping";
+/// Scenario 7: the string argument (field 1) of the call.
+pub const PING_PAYLOAD: usize = 70;
+/// Scenario 7: calls in flight (blocking client threads, a connection each).
+pub const BLOCKING_INFLIGHT: [usize; 3] = [1, 4, 64];
+/// Runtime threads of the echo backend (issue 16: a Rust server with 2 threads).
+const ECHO_THREADS: usize = 2;
 
 /// The targets' labels, as they appear in the results.
 pub mod names {
@@ -56,6 +71,8 @@ pub mod names {
     pub const PROXY: &str = "rpc_proxy";
     /// Through rpc_proxy with two runtime threads (`worker_threads=2`; the default is 1).
     pub const PROXY_MT: &str = "rpc_proxy, worker_threads=2";
+    /// Through the previous build of rpc_proxy (`--baseline-bin-dir`), same config.
+    pub const PROXY_PREV: &str = "rpc_proxy (previous build)";
     /// The pinned case of scenario 1.
     pub const PINNED_CASE: &str = "1 in flight, all pinned to one CPU";
     /// Scenario 3: the LB and its workers.
@@ -77,10 +94,14 @@ use names::*;
 /// How the run is shaped.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Rounds of every scenario.
+    /// Rounds of scenarios 1-6.
     pub rounds: usize,
-    /// Warm-up and window of every load point.
+    /// Warm-up and window of every load point of scenarios 1-6.
     pub window: Window,
+    /// Rounds of scenario 7 (the first `rounds` of them interleaved with the others).
+    pub blocking_rounds: usize,
+    /// Warm-up and window of every load point of scenario 7.
+    pub blocking_window: Window,
     /// Smoke mode (tiny sizes; checks numbers exist, never timing).
     pub smoke: bool,
     /// Idle client connections of scenario 5.
@@ -89,8 +110,22 @@ pub struct Settings {
     pub services: usize,
     /// Deletion trials per round of scenario 6.
     pub deletion_trials: usize,
-    /// Scenarios to run (1-6).
+    /// Scenarios to run (1-7).
     pub only: Vec<u8>,
+}
+
+// === impl Settings ===
+
+impl Settings {
+    /// Rounds of the run: the most any selected scenario wants.
+    pub fn total_rounds(&self) -> usize {
+        let others = self.only.iter().any(|s| *s != 7);
+        let mut n = if others { self.rounds } else { 0 };
+        if self.only.contains(&7) {
+            n = n.max(self.blocking_rounds);
+        }
+        n
+    }
 }
 
 /// A point that must have numbers at the end: scenario, case, target, metric.
@@ -124,9 +159,11 @@ struct Hops {
     haproxy_sock: PathBuf,
     proxy: Proc,
     proxy_sock: PathBuf,
-    /// The same proxy binary on a one-thread runtime (scenario 1 only).
+    /// The same proxy binary on a two-thread runtime (scenarios 1 and 7).
     proxy_mt: Proc,
     proxy_mt_sock: PathBuf,
+    /// The previous build of rpc_proxy, same config (scenarios 1 and 7), when given.
+    proxy_prev: Option<(Proc, PathBuf)>,
 }
 
 /// One path of scenario 1 and 2.
@@ -166,7 +203,7 @@ impl Hops {
         all
     }
 
-    /// [`Hops::targets`] plus the two-thread proxy.
+    /// [`Hops::targets`] plus the two-thread proxy and the previous build, if any.
     fn targets_mt(&self) -> Vec<HopTarget> {
         let mut all = self.targets();
         all.push(HopTarget {
@@ -174,6 +211,13 @@ impl Hops {
             socket: self.proxy_mt_sock.clone(),
             hop: Some(self.proxy_mt.pid()),
         });
+        if let Some((proc, socket)) = &self.proxy_prev {
+            all.push(HopTarget {
+                label: PROXY_PREV,
+                socket: socket.clone(),
+                hop: Some(proc.pid()),
+            });
+        }
         all
     }
 }
@@ -291,7 +335,7 @@ impl Bench {
     /// # Errors
     /// When a system needed by every scenario (echo backend, proxy) cannot be started.
     pub async fn start(&mut self) -> anyhow::Result<()> {
-        if [1, 2, 4, 5].iter().any(|s| self.runs(*s)) {
+        if [1, 2, 4, 5, 7].iter().any(|s| self.runs(*s)) {
             self.hops = Some(self.start_hops().await?);
         }
         if self.runs(3) || self.runs(4) {
@@ -334,6 +378,18 @@ impl Bench {
                 h.proxy_mt.pid(),
                 h.proxy_mt_sock.display()
             ));
+            if let Some((proc, socket)) = &h.proxy_prev {
+                lines.push(format!(
+                    "rpc_proxy prev pid {:>7}  {} ({})",
+                    proc.pid(),
+                    socket.display(),
+                    self.bins
+                        .baseline_proxy
+                        .as_deref()
+                        .unwrap_or(Path::new("?"))
+                        .display()
+                ));
+            }
         }
         if let Some(py) = &self.py {
             if let Some(lb) = &py.lb {
@@ -368,7 +424,7 @@ impl Bench {
     async fn start_hops(&mut self) -> anyhow::Result<Hops> {
         let dir = self.dir().to_owned();
         let echo_sock = dir.join("echo.sock");
-        let mut echo = systems::echo(&self.bins, "echo backend", &echo_sock)?;
+        let mut echo = systems::echo(&self.bins, "echo backend", &echo_sock, ECHO_THREADS)?;
         wait_ready(&mut echo, &echo_sock, ECHO, READY_TIMEOUT).await?;
         let fwd_sock = dir.join("fwd.sock");
         let mut forwarder = systems::forwarder(&self.bins, &fwd_sock, &echo_sock)?;
@@ -409,6 +465,29 @@ impl Bench {
         );
         let mut proxy_mt = systems::proxy(&self.bins, &dir, "rpc_proxy-mt", &config)?;
         wait_ready(&mut proxy_mt, &proxy_mt_sock, ECHO, READY_TIMEOUT).await?;
+        let proxy_prev = match self.bins.baseline_proxy.clone() {
+            Some(program) => {
+                let sock = dir.join("proxy_prev.sock");
+                let config = systems::proxy_config(&self.zk_servers, PRODUCT, &sock, &[]);
+                let started = systems::proxy_program(&program, &dir, "rpc_proxy-prev", &config);
+                let ready = match started {
+                    Ok(mut p) => match wait_ready(&mut p, &sock, ECHO, READY_TIMEOUT).await {
+                        Ok(()) => Ok(p),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                match ready {
+                    Ok(p) => Some((p, sock)),
+                    Err(e) => {
+                        self.results
+                            .skip(format!("{PROXY_PREV} ({}): {e:#}", program.display()));
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         Ok(Hops {
             echo,
             echo_sock,
@@ -420,6 +499,7 @@ impl Bench {
             proxy_sock,
             proxy_mt,
             proxy_mt_sock,
+            proxy_prev,
         })
     }
 
@@ -568,12 +648,23 @@ impl Bench {
         })
     }
 
-    /// Runs every selected scenario once (one round).
+    /// Runs every selected scenario once (one round); scenarios 1-6 only in their first
+    /// `rounds` rounds, scenario 7 in its first `blocking_rounds`.
     pub async fn round(&mut self, round: usize) {
-        eprintln!("rpc-bench: round {}/{}", round + 1, self.settings.rounds);
-        if self.runs(1) {
+        eprintln!(
+            "rpc-bench: round {}/{}",
+            round + 1,
+            self.settings.total_rounds()
+        );
+        if self.runs(1) && round < self.settings.rounds {
             self.scenario1(round).await;
             self.scenario1_pinned(round).await;
+        }
+        if self.runs(7) && round < self.settings.blocking_rounds {
+            self.scenario7(round).await;
+        }
+        if round >= self.settings.rounds {
+            return;
         }
         if self.runs(2) {
             self.scenario2(round).await;
@@ -605,7 +696,20 @@ impl Bench {
         watched: &[Watched],
     ) -> Option<Outcome> {
         self.expect(scenario, case, target, "calls_per_s");
-        match load::run(load, self.settings.window, watched).await {
+        let outcome = load::run(load, self.settings.window, watched).await;
+        self.record(scenario, case, target, outcome, watched)
+    }
+
+    /// Records one load point's base metrics; `None` (noted) on failure.
+    fn record(
+        &mut self,
+        scenario: &str,
+        case: &str,
+        target: &str,
+        outcome: anyhow::Result<Outcome>,
+        watched: &[Watched],
+    ) -> Option<Outcome> {
+        match outcome {
             Ok(o) => {
                 if o.errors > 0 {
                     let first = o.first_error.clone().unwrap_or_default();
@@ -633,6 +737,14 @@ impl Bench {
                 sample.insert("served".into(), o.served() as f64);
                 sample.insert("clients".into(), o.per_connection.len() as f64);
                 sample.insert("client_cpu_us".into(), per_call_us(o.client_cpu, &o));
+                // Noise: what else ran on the machine during the window, in % of one CPU.
+                let ours = o.client_cpu + o.cpu.iter().sum::<f64>();
+                let pct = |s: f64| s * 100.0 / o.seconds.max(1e-9);
+                sample.insert(
+                    "other_cpu_pct".into(),
+                    pct((o.machine.busy - ours).max(0.0)),
+                );
+                sample.insert("steal_pct".into(), pct(o.machine.steal));
                 for (w, cpu) in watched.iter().zip(&o.cpu) {
                     sample.insert(format!("{}_cpu_us", w.label), per_call_us(*cpu, &o));
                 }
@@ -746,6 +858,66 @@ impl Bench {
                         ("added_mean_us".to_owned(), mean - base_mean),
                     ]);
                     self.results.extend_last("1-pinned", case, t, &extra);
+                }
+            }
+        }
+    }
+
+    // === scenario 7 ===
+
+    /// Blocking clients at 1, 4 and 64 in flight over every hop path, nothing pinned.
+    async fn scenario7(&mut self, round: usize) {
+        let Some(hops) = &self.hops else { return };
+        let mut targets = hops.targets_mt();
+        let echo_pid = hops.echo.pid();
+        rotate(&mut targets, round);
+        let window = self.settings.blocking_window;
+        for inflight in BLOCKING_INFLIGHT {
+            let case = inflight.to_string();
+            let mut direct = 0.0;
+            let mut labels = Vec::new();
+            for t in &targets {
+                let load = BlockingLoad {
+                    socket: t.socket.clone(),
+                    threads: inflight,
+                    name: if t.label == DIRECT { PING_DIRECT } else { PING }.to_owned(),
+                    payload: PING_PAYLOAD,
+                };
+                let watched = hop_watch(t.hop, echo_pid);
+                self.expect("7", &case, t.label, "calls_per_s");
+                let outcome = {
+                    let watched = watched.clone();
+                    tokio::task::spawn_blocking(move || blocking::run(&load, window, &watched))
+                        .await
+                        .unwrap_or_else(|e| Err(anyhow::anyhow!("load thread failed: {e}")))
+                };
+                if let Some(o) = self.record("7", &case, t.label, outcome, &watched)
+                    && t.label == DIRECT
+                {
+                    direct = o.rate();
+                }
+                labels.push(t.label);
+            }
+            self.ratios("7", &case, &labels, direct);
+            // Before/after in the same round: the previous build as the baseline.
+            let prev_rate = self.results.last("7", &case, PROXY_PREV, "calls_per_s");
+            let prev_p99 = self.results.last("7", &case, PROXY_PREV, "p99_us");
+            for t in [PROXY, PROXY_MT] {
+                let rate = self.results.last("7", &case, t, "calls_per_s");
+                let p99 = self.results.last("7", &case, t, "p99_us");
+                let mut extra = Sample::new();
+                if let (Some(now), Some(before)) = (rate, prev_rate)
+                    && before > 0.0
+                {
+                    extra.insert("vs_previous".to_owned(), now / before);
+                }
+                if let (Some(now), Some(before)) = (p99, prev_p99)
+                    && before > 0.0
+                {
+                    extra.insert("p99_vs_previous".to_owned(), now / before);
+                }
+                if !extra.is_empty() {
+                    self.results.extend_last("7", &case, t, &extra);
                 }
             }
         }
@@ -1214,7 +1386,8 @@ async fn receiving(stats: &Stats, bound: Duration) -> bool {
     false
 }
 
-/// The processes watched on a hop path: the hop (if any), then the echo backend.
+/// The processes watched on a hop path: the hop (if any), then the echo backend (metrics
+/// `hop_cpu_us` and `echo_cpu_us`).
 fn hop_watch(hop: Option<u32>, echo: u32) -> Vec<Watched> {
     let mut watched = Vec::new();
     if let Some(pgid) = hop {

@@ -20,6 +20,8 @@ pub struct Bins {
     pub proxy: PathBuf,
     /// `rpc_lb`.
     pub lb: PathBuf,
+    /// A previous build of `rpc_proxy`, run beside the current one (`--baseline-bin-dir`).
+    pub baseline_proxy: Option<PathBuf>,
     /// This binary (echo backend and forwarder).
     pub me: PathBuf,
     /// Python interpreter.
@@ -75,13 +77,17 @@ pub async fn wait_ready(
     )
 }
 
-/// Starts the echo backend on `socket`.
+/// Starts the echo backend on `socket` with `threads` runtime threads.
 ///
 /// # Errors
 /// When it cannot be started.
-pub fn echo(bins: &Bins, name: &str, socket: &Path) -> anyhow::Result<Proc> {
+pub fn echo(bins: &Bins, name: &str, socket: &Path, threads: usize) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(&bins.me);
-    cmd.arg("echo-server").arg("--unix").arg(socket);
+    cmd.arg("echo-server")
+        .arg("--threads")
+        .arg(threads.to_string())
+        .arg("--unix")
+        .arg(socket);
     Proc::spawn(name, cmd, &[])
 }
 
@@ -152,9 +158,17 @@ pub fn proxy_config(zk: &str, product: &str, socket: &Path, extra: &[(&str, &str
 /// # Errors
 /// When it cannot be started.
 pub fn proxy(bins: &Bins, dir: &Path, name: &str, config: &str) -> anyhow::Result<Proc> {
+    proxy_program(&bins.proxy, dir, name, config)
+}
+
+/// Starts the `rpc_proxy` binary `program` with `config` (written to `dir/<name>.ini`).
+///
+/// # Errors
+/// When it cannot be started.
+pub fn proxy_program(program: &Path, dir: &Path, name: &str, config: &str) -> anyhow::Result<Proc> {
     let ini = dir.join(format!("{name}.ini"));
     std::fs::write(&ini, config).context("write proxy config")?;
-    let mut cmd = Command::new(&bins.proxy);
+    let mut cmd = Command::new(program);
     cmd.arg("-c").arg(&ini);
     Proc::spawn(name, cmd, &["routing table complete"])
 }
