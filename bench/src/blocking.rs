@@ -19,9 +19,8 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use hdrhistogram::Histogram;
 
-use crate::load::{CONNECT_TIMEOUT, Outcome, Watched, Window, histogram};
+use crate::load::{CONNECT_TIMEOUT, ConnStats, Outcome, Watched, Window, histogram};
 use crate::procs;
 use crate::wire;
 
@@ -86,15 +85,6 @@ impl Start {
     fn phase(&self) -> u8 {
         self.phase.load(Ordering::Relaxed)
     }
-}
-
-/// What one client thread saw.
-struct ThreadStats {
-    calls: u64,
-    errors: u64,
-    first_error: Option<String>,
-    latency: Histogram<u64>,
-    broken: bool,
 }
 
 /// Runs `load` for `window.warmup + window.window` on OS threads and measures the window.
@@ -187,15 +177,7 @@ pub fn run(load: &BlockingLoad, window: Window, watched: &[Watched]) -> anyhow::
         let Ok(stats) = t.join() else {
             bail!("a client thread panicked");
         };
-        outcome.calls += stats.calls;
-        outcome.errors += stats.errors;
-        outcome.per_connection.push(stats.calls);
-        outcome.broken += usize::from(stats.broken);
-        if outcome.first_error.is_none() {
-            outcome.first_error = stats.first_error;
-        }
-        // Same bounds on both sides: adding cannot fail.
-        let _ = outcome.latency.add(&stats.latency);
+        outcome.absorb(stats);
     }
     Ok(outcome)
 }
@@ -212,8 +194,8 @@ struct Client {
 // === impl Client ===
 
 impl Client {
-    fn run(mut self, ready: &mpsc::Sender<bool>) -> ThreadStats {
-        let mut stats = ThreadStats {
+    fn run(mut self, ready: &mpsc::Sender<bool>) -> ConnStats {
+        let mut stats = ConnStats {
             calls: 0,
             errors: 0,
             first_error: None,
@@ -247,7 +229,7 @@ impl Client {
     }
 
     /// The closed loop, until the window is over.
-    fn drive(&mut self, stream: &mut UnixStream, stats: &mut ThreadStats) -> std::io::Result<()> {
+    fn drive(&mut self, stream: &mut UnixStream, stats: &mut ConnStats) -> std::io::Result<()> {
         let mut buf = vec![0u8; 4096];
         // Bytes in `buf` not consumed yet (a reply is expected alone, but do not rely on it).
         let mut have = 0usize;

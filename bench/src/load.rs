@@ -104,6 +104,19 @@ pub struct Outcome {
 // === impl Outcome ===
 
 impl Outcome {
+    /// Adds one connection's results.
+    pub(crate) fn absorb(&mut self, stats: ConnStats) {
+        self.calls += stats.calls;
+        self.errors += stats.errors;
+        self.per_connection.push(stats.calls);
+        self.broken += usize::from(stats.broken);
+        if self.first_error.is_none() {
+            self.first_error = stats.first_error;
+        }
+        // Same bounds on both sides: adding cannot fail.
+        let _ = self.latency.add(&stats.latency);
+    }
+
     /// Calls per second.
     pub fn rate(&self) -> f64 {
         self.calls as f64 / self.seconds
@@ -120,13 +133,14 @@ impl Outcome {
     }
 }
 
-/// Per-connection results.
-struct ConnStats {
-    calls: u64,
-    errors: u64,
-    first_error: Option<String>,
-    latency: Histogram<u64>,
-    broken: bool,
+/// Per-connection results (of an async connection here, of a blocking client thread in
+/// [`crate::blocking`]).
+pub(crate) struct ConnStats {
+    pub(crate) calls: u64,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+    pub(crate) latency: Histogram<u64>,
+    pub(crate) broken: bool,
 }
 
 /// An empty latency histogram (nanoseconds).
@@ -226,15 +240,7 @@ pub async fn run_until(
             Ok(stats) => stats,
             Err(e) => bail!("load task failed: {e}"),
         };
-        outcome.calls += stats.calls;
-        outcome.errors += stats.errors;
-        outcome.per_connection.push(stats.calls);
-        outcome.broken += usize::from(stats.broken);
-        if outcome.first_error.is_none() {
-            outcome.first_error = stats.first_error;
-        }
-        // Same bounds on both sides: adding cannot fail.
-        let _ = outcome.latency.add(&stats.latency);
+        outcome.absorb(stats);
     }
     Ok(outcome)
 }

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pytest
 import test_lb
+from test_resilience import gauge
 from thrift.Thrift import TApplicationException
 
 import harness
@@ -97,15 +98,7 @@ def metric(lb, name, **labels):
     """The value of one sample of the LB's /metrics (0 when absent)."""
     code, text = http(lb, "GET", "/metrics")
     assert code == 200, text
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        rest = head[len(name) :]
-        found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-        if (rest == "" or rest.startswith("{")) and found == labels:
-            return float(value)
-    return 0.0
+    return gauge(text, name, **labels) or 0.0
 
 
 def slots(lb, state=None):

@@ -39,13 +39,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import marked_peers
 import pytest
 import test_lb
+from test_resilience import http_get
+from test_resilience import total as metric
 
 import harness
 
@@ -222,25 +223,6 @@ class NodeWatch:
         if start is not None:
             out.append((start, None))
         return out
-
-
-def http_get(process, path):
-    url = f"http://{process.settings['admin_address']}{path}"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.read().decode()
-
-
-def metric(text, name, **labels):
-    """The sum of the samples of `name` in Prometheus text whose labels include `labels`."""
-    found = 0.0
-    for line in text.splitlines():
-        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line.strip())
-        if line.startswith("#") or not match or match.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
-        if all(got.get(k) == str(v) for k, v in labels.items()):
-            found += float(match.group(3))
-    return found
 
 
 def report(name, **values):
